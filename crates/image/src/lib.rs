@@ -1,0 +1,12 @@
+//! Builds and caches what Wrenn boots: the guest kernel (Debian's `linux-source` with the
+//! microVM config in `guest/kernel/`) and ext4 root filesystems made without loop mounts
+//! (`mkfs.ext4 -d`): a tiny busybox test image and the Debian `base` image.
+//!
+//! Everything built lands in the [`cache::Cache`], keyed by a hash of every input, so a
+//! fresh clone on the same machine reuses it and a changed recipe rebuilds only what changed.
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod command;
+pub mod packages;

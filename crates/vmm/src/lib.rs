@@ -1,0 +1,3 @@
+//! Wrenn's microVM monitor on KVM.
+
+pub mod probe;
