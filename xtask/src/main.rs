@@ -1,1 +1,79 @@
-fn main() {}
+//! Developer and CI entry points for Wrenn:
+//!
+//! - `cargo xtask guest`: build (or reuse from the cache) the guest kernel and images;
+//! - `cargo xtask hostvm -- CMD...`: run CMD where a usable KVM exists;
+//! - `cargo xtask test`: the whole test suite (host tests here, VM tests through `hostvm`);
+//! - `cargo xtask bench NAME`: benchmarks, printed as `BENCH` lines and one `RESULT` line.
+
+mod bench;
+mod hostvm;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use wrenn_image::cache::Cache;
+use wrenn_image::guest::{self, Part};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Wrenn's developer and CI tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the guest kernel and root filesystem images (cached outside the repository).
+    Guest {
+        /// Build only these parts.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<Part>,
+        /// Discard the cached artifacts first.
+        #[arg(long)]
+        rebuild: bool,
+    },
+    /// Run a command where a usable KVM exists (directly, or inside the host VM).
+    Hostvm(hostvm::Args),
+    /// Run the whole test suite.
+    Test(test::Args),
+    /// Run a benchmark.
+    Bench(bench::Args),
+    /// Run prebuilt test binaries listed in a manifest (used inside the host VM).
+    #[command(hide = true)]
+    RunTests(test::RunArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let cache = Cache::from_env();
+    match cli.command {
+        Task::Guest { only, rebuild } => {
+            let built = guest::build(&cache, &only, rebuild)?;
+            print!("{}", built.summary());
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Hostvm(args) => hostvm::run(&cache, args),
+        Task::Test(args) => test::run(&cache, args),
+        Task::Bench(args) => bench::run(&cache, args),
+        Task::RunTests(args) => test::run_manifest(args),
+    }
+}

@@ -1,1 +1,130 @@
-fn main() {}
+//! `wrenn`: the product's command.
+//!
+//! - `wrenn up`: build (or reuse) the guest, start the host VM where this machine's KVM cannot
+//!   run Linux guests, check the KVM there by booting a guest, and stay up until Ctrl-C.
+//! - `wrenn guest build|show`: the guest kernel and images.
+//! - `wrenn hostvm -- CMD...`: run CMD where a usable KVM exists.
+//! - `wrenn kvm-check`: say whether this machine's /dev/kvm can run Linux guests.
+
+mod up;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use wrenn_image::cache::Cache;
+use wrenn_image::guest::{self, Part};
+
+#[derive(Debug, Parser)]
+#[command(name = "wrenn", version, about = "Wrenn: microVM sandboxes on your own machines")]
+struct Cli {
+    /// Cache directory for built artifacts (default: /var/cache/wrenn as root).
+    #[arg(long, global = true, env = "WRENN_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start Wrenn on this machine and stay up until Ctrl-C.
+    Up(up::Args),
+    /// Build or show the guest kernel and images.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+    /// Run a command where a usable KVM exists (directly, or inside the host VM).
+    Hostvm(HostvmArgs),
+    /// Say whether this machine's /dev/kvm can run Linux guests; exits 1 when it cannot.
+    KvmCheck,
+}
+
+#[derive(Debug, Subcommand)]
+enum GuestCommand {
+    /// Build (or reuse from the cache) the kernel and images.
+    Build {
+        /// Build only these parts: kernel, test, base.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<Part>,
+        /// Discard the cached artifacts first.
+        #[arg(long)]
+        rebuild: bool,
+    },
+    /// Print the built artifacts; fails when one is missing or damaged.
+    Show {
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<Part>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct HostvmArgs {
+    /// Host VM memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// Host VM vCPUs.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Kill the command (and the host VM) after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    command: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let cache = cli.cache_dir.map_or_else(Cache::from_env, Cache::new);
+    match cli.command {
+        Command::Up(args) => up::run(&cache, args),
+        Command::Guest(GuestCommand::Build { only, rebuild }) => {
+            print!("{}", guest::build(&cache, &only, rebuild)?.summary());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Guest(GuestCommand::Show { only }) => {
+            print!("{}", guest::find(&cache, &only)?.summary());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Hostvm(args) => {
+            let options = wrenn_hostvm::Options {
+                memory_mib: args.memory_mib,
+                cpus: args.cpus,
+                timeout: args.timeout.map(Duration::from_secs),
+                ..Default::default()
+            };
+            let code = wrenn_hostvm::run_here(&cache, &args.command, &[], &options)?;
+            Ok(exit_code(code))
+        }
+        Command::KvmCheck => {
+            let verdict = wrenn_vmm::probe::assess();
+            println!("{verdict}");
+            Ok(if verdict.is_usable() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+/// The command's exit code as ours (clamped into 0..=255).
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(u8::MAX))
+}

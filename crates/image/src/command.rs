@@ -104,6 +104,48 @@ pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<(), CommandError> {
     })
 }
 
+/// Runs `cmd` with its stdout and stderr appended to `log`, calling `on_line` with each stdout
+/// line as it arrives (for progress); fails with the log's last lines.
+pub fn run_streamed(
+    cmd: &mut Command,
+    log: &Path,
+    mut on_line: impl FnMut(&str),
+) -> Result<(), CommandError> {
+    use std::io::{BufRead, BufReader, Write};
+    let log_err = |source| CommandError::Log {
+        path: log.into(),
+        source,
+    };
+    let mut file = File::create(log).map_err(log_err)?;
+    let err = file.try_clone().map_err(log_err)?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .map_err(|source| CommandError::Spawn {
+            program: cmd.get_program().to_string_lossy().into_owned(),
+            source,
+        })?;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = writeln!(file, "{line}");
+            on_line(&line);
+        }
+    }
+    let status = child.wait().map_err(log_err)?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    Err(CommandError::Failed {
+        command: describe(cmd),
+        status: status.to_string(),
+        log: Some(log.to_owned()),
+        tail: last_lines(&text, 30),
+    })
+}
+
 /// The last `n` lines of `text`.
 pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();

@@ -9,4 +9,10 @@
 
 pub mod cache;
 pub mod command;
+pub mod disk;
+pub mod guest;
+pub mod kernel;
 pub mod packages;
+pub mod progress;
+pub mod qemu;
+pub mod rootfs;

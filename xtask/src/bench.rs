@@ -1,0 +1,240 @@
+//! `cargo xtask bench NAME`: benchmarks. Each prints `BENCH <name> <metric>=<value><unit>`
+//! lines and ends with one `RESULT <name> ...` line: median, p99 and the ratio against the
+//! baseline measured in the same run (these machines are noisy; compare within one run).
+//!
+//! `guest`: the foundation's baselines: kernel and image build times and sizes (as recorded
+//! when they were built, or rebuilt now with `--rebuild`), the host VM's boot to a running
+//! command, and our guest's boot to its ready marker under QEMU microvm on the host VM's KVM,
+//! against the same guest under QEMU's software emulation directly on this machine.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use wrenn_image::cache::Cache;
+use wrenn_image::kernel;
+use wrenn_image::qemu::{Accel, Boot};
+use wrenn_image::rootfs::{self, ImageKind, READY_MARKER};
+
+use wrenn_image::guest;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Benchmark to run: `guest`.
+    name: String,
+    /// Samples per measurement.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Rebuild the kernel and images first, so their build times are measured now.
+    #[arg(long)]
+    rebuild: bool,
+    /// Internal: measure guest boots on this machine's KVM and print SAMPLE lines.
+    #[arg(long, hide = true)]
+    inner: bool,
+}
+
+pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
+    match args.name.as_str() {
+        "guest" if args.inner => guest_boot_samples(cache, args.runs, Accel::Kvm),
+        "guest" => bench_guest(cache, &args),
+        other => bail!("unknown benchmark {other:?}; available: guest"),
+    }
+}
+
+fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
+    let built = guest::build(cache, &[], args.rebuild)?;
+    let (Some(k), Some(test), Some(base)) = (&built.kernel, &built.test, &built.base) else {
+        bail!("guest build returned no artifacts");
+    };
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    println!("BENCH guest kernel_build={:.1}s", k.manifest.build_seconds);
+    println!("BENCH guest kernel_size={:.1}MiB", mib(k.size()));
+    for (name, e) in [("test", test), ("base", base)] {
+        println!(
+            "BENCH guest {name}_image_build={:.1}s",
+            e.manifest.build_seconds
+        );
+        println!(
+            "BENCH guest {name}_image_size={}MiB",
+            e.manifest
+                .notes
+                .get("image_mib")
+                .map_or("?", String::as_str)
+        );
+        println!(
+            "BENCH guest {name}_image_allocated={}MiB",
+            e.manifest
+                .notes
+                .get("allocated_mib")
+                .map_or("?", String::as_str)
+        );
+    }
+
+    // Baseline: the same guest under software emulation, directly on this machine.
+    let tcg = boot_samples(cache, args.runs, Accel::Tcg)?;
+    print_stats("guest", "tcg_boot_to_marker", &tcg);
+
+    // Host VM: launch to a command running inside, then (once) our guest on its KVM.
+    let mut hostvm_ready = Vec::new();
+    let mut kvm = Vec::new();
+    for i in 0..args.runs {
+        let started = Instant::now();
+        if i == 0 {
+            let mut capture = SampleCapture::default();
+            let exe = std::env::current_exe()?.into_os_string();
+            let argv = [
+                exe,
+                "bench".into(),
+                "guest".into(),
+                "--inner".into(),
+                "--runs".into(),
+                args.runs.to_string().into(),
+            ];
+            let code = crate::hostvm::run_argv(cache, &argv, &[], &mut capture)?;
+            if code != 0 {
+                bail!("the boot benchmark inside the host VM failed ({code})");
+            }
+            kvm = capture.samples;
+        } else {
+            let code = crate::hostvm::run_argv(cache, &["true".into()], &[], &mut std::io::sink())?;
+            if code != 0 {
+                bail!("`true` inside the host VM exited with {code}");
+            }
+            hostvm_ready.push(started.elapsed());
+        }
+    }
+    print_stats("guest", "hostvm_run_true", &hostvm_ready);
+    print_stats("guest", "kvm_boot_to_marker", &kvm);
+    let (kvm_med, tcg_med) = (median(&kvm), median(&tcg));
+    println!(
+        "RESULT guest kvm_boot_median={:.0}ms kvm_boot_p99={:.0}ms tcg_baseline_median={:.0}ms ratio={:.2}x hostvm_run_true_median={:.0}ms kernel_build={:.0}s",
+        ms(kvm_med),
+        ms(p99(&kvm)),
+        ms(tcg_med),
+        kvm_med.as_secs_f64() / tcg_med.as_secs_f64(),
+        ms(median(&hostvm_ready)),
+        k.manifest.build_seconds,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Boots the test image `runs` times and returns the time to the ready marker.
+fn boot_samples(cache: &Cache, runs: usize, accel: Accel) -> Result<Vec<Duration>> {
+    let kernel = kernel::find(cache)?;
+    let image = rootfs::find(cache, ImageKind::Test)?;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let boot = Boot::new(
+            &kernel.file("vmlinux"),
+            &image.file(rootfs::IMAGE_FILE),
+            accel,
+        );
+        let outcome = boot.run()?;
+        let ready = outcome
+            .ready_after
+            .with_context(|| format!("no {READY_MARKER} from the guest:\n{}", outcome.console))?;
+        samples.push(ready);
+    }
+    Ok(samples)
+}
+
+/// Inside the host VM: print one SAMPLE line per boot for the outer process.
+fn guest_boot_samples(cache: &Cache, runs: usize, accel: Accel) -> Result<ExitCode> {
+    for sample in boot_samples(cache, runs, accel)? {
+        println!("SAMPLE {:.3}", ms(sample));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Collects SAMPLE lines from the inner run, passing everything else through.
+#[derive(Default)]
+struct SampleCapture {
+    line: Vec<u8>,
+    samples: Vec<Duration>,
+}
+
+impl Write for SampleCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b != b'\n' {
+                self.line.push(b);
+                continue;
+            }
+            let line = String::from_utf8_lossy(&self.line).into_owned();
+            match line
+                .trim()
+                .strip_prefix("SAMPLE ")
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                Some(v) => self.samples.push(Duration::from_secs_f64(v / 1000.0)),
+                None => println!("{line}"),
+            }
+            self.line.clear();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn sorted(samples: &[Duration]) -> Vec<Duration> {
+    let mut s = samples.to_vec();
+    s.sort();
+    s
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let s = sorted(samples);
+    if s.is_empty() {
+        Duration::ZERO
+    } else {
+        s[s.len() / 2]
+    }
+}
+
+/// Nearest-rank 99th percentile (the maximum for fewer than 100 samples).
+fn p99(samples: &[Duration]) -> Duration {
+    let s = sorted(samples);
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (s.len() * 99).div_ceil(100);
+    s[rank.saturating_sub(1)]
+}
+
+fn print_stats(bench: &str, metric: &str, samples: &[Duration]) {
+    let s = sorted(samples);
+    let (Some(min), Some(max)) = (s.first(), s.last()) else {
+        return;
+    };
+    println!(
+        "BENCH {bench} {metric}_median={:.0}ms {metric}_min={:.0}ms {metric}_max={:.0}ms {metric}_p99={:.0}ms n={}",
+        ms(median(&s)),
+        ms(*min),
+        ms(*max),
+        ms(p99(&s)),
+        s.len()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_median_and_p99_of_five() {
+        let s: Vec<_> = [5, 1, 4, 2, 3]
+            .iter()
+            .map(|&v| Duration::from_millis(v))
+            .collect();
+        assert_eq!(median(&s), Duration::from_millis(3));
+        assert_eq!(p99(&s), Duration::from_millis(5));
+    }
+}

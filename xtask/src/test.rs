@@ -1,0 +1,333 @@
+//! `cargo xtask test`: the whole suite.
+//!
+//! 1. Builds (or reuses) the guest kernel and images, which the VM tests boot.
+//! 2. Compiles every test target once, on the host.
+//! 3. Runs the host tests here: every test binary except those whose target name starts with
+//!    `vm_`.
+//! 4. Runs the `vm_` binaries where a usable KVM exists: directly, or inside the host VM (one
+//!    boot for all of them), with `WRENN_REQUIRE_KVM=1` so that a VM test can never pass by
+//!    skipping.
+//! 5. Prints one closing line: `wrenn: N passed, N failed, N skipped`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use wrenn_image::cache::Cache;
+
+use wrenn_image::guest;
+
+/// Prefix of test targets that need a usable KVM.
+const VM_TEST_PREFIX: &str = "vm_";
+/// A test binary that runs longer than this is killed and counted as failed.
+const BINARY_TIMEOUT_SECS: u32 = 1200;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Run only the host tests.
+    #[arg(long, conflicts_with = "vm_only")]
+    host_only: bool,
+    /// Run only the VM tests.
+    #[arg(long)]
+    vm_only: bool,
+    /// Passed to every test binary: run only tests whose name contains it.
+    filter: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// JSON list of test binaries, as written by `cargo xtask test`.
+    #[arg(long)]
+    manifest: PathBuf,
+    #[arg(long)]
+    filter: Option<String>,
+}
+
+/// One compiled test target.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TestBinary {
+    package: String,
+    target: String,
+    executable: PathBuf,
+    /// The package's directory: cargo runs tests there.
+    cwd: PathBuf,
+}
+
+/// Counts from libtest's `test result:` lines.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+    /// Binaries that failed without a result line (crash, timeout, skipped phase).
+    broken: u64,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.skipped += other.skipped;
+        self.broken += other.broken;
+    }
+
+    /// Reads one line of libtest output.
+    fn scan(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(|c| c == ';' || c == '.') {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.skipped += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
+    guest::build(cache, &[], false).context("building the guest kernel and images")?;
+    let binaries = compile_tests()?;
+    let (vm, host): (Vec<_>, Vec<_>) = binaries
+        .into_iter()
+        .partition(|b| b.target.starts_with(VM_TEST_PREFIX));
+
+    let mut tally = Tally::default();
+    if !args.vm_only {
+        eprintln!("==> host tests: {} binaries", host.len());
+        tally.add(run_binaries(
+            &host,
+            args.filter.as_deref(),
+            &mut std::io::stdout(),
+        ));
+    }
+    if !args.host_only {
+        eprintln!("==> VM tests: {} binaries", vm.len());
+        tally.add(run_vm_binaries(cache, &vm, args.filter.as_deref())?);
+    }
+    println!();
+    if tally.broken > 0 {
+        println!(
+            "{} test binaries crashed or timed out (see above)",
+            tally.broken
+        );
+    }
+    let failed = tally.failed + tally.broken;
+    println!(
+        "wrenn: {} passed, {} failed, {} skipped",
+        tally.passed, failed, tally.skipped
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Builds every test target and lists the executables.
+fn compile_tests() -> Result<Vec<TestBinary>> {
+    eprintln!("==> compiling tests");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "test",
+            "--workspace",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("compiling the tests failed");
+    }
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+            continue;
+        }
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
+        let manifest = PathBuf::from(msg["manifest_path"].as_str().unwrap_or_default());
+        binaries.push(TestBinary {
+            package: msg["package_id"]
+                .as_str()
+                .map_or_else(String::new, package_name),
+            target: msg["target"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            executable: exe.into(),
+            cwd: manifest.parent().map(Path::to_owned).unwrap_or_default(),
+        });
+    }
+    Ok(binaries)
+}
+
+/// `path+file:///w/crates/image#wrenn-image@0.1.0` -> `wrenn-image`;
+/// `path+file:///w/xtask#0.1.0` (directory named like the package) -> `xtask`.
+fn package_name(id: &str) -> String {
+    let (path, fragment) = id.rsplit_once('#').unwrap_or((id, ""));
+    match fragment.split_once('@') {
+        Some((name, _)) => name.to_owned(),
+        None => path.rsplit('/').next().unwrap_or(path).to_owned(),
+    }
+}
+
+/// Runs test binaries one after another, echoing their output to `out`.
+fn run_binaries(binaries: &[TestBinary], filter: Option<&str>, out: &mut dyn Write) -> Tally {
+    let mut total = Tally::default();
+    for bin in binaries {
+        let _ = writeln!(out, "---- {} ({})", bin.target, bin.package);
+        let mut cmd = Command::new("timeout");
+        cmd.args(["--kill-after=10", &BINARY_TIMEOUT_SECS.to_string()])
+            .arg(&bin.executable)
+            .args(filter)
+            .current_dir(&bin.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = writeln!(out, "cannot run {}: {e}", bin.executable.display());
+                total.broken += 1;
+                continue;
+            }
+        };
+        let mut tally = Tally::default();
+        let mut saw_result = false;
+        if let Some(stdout) = child.stdout.take() {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                saw_result |= line.trim().starts_with("test result: ");
+                tally.scan(&line);
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        let status = child.wait();
+        let ok = status.as_ref().is_ok_and(|s| s.success());
+        if !ok && (!saw_result || tally.failed == 0) {
+            let _ = writeln!(out, "{} exited with {status:?}", bin.target);
+            tally.broken += 1;
+        }
+        total.add(tally);
+    }
+    total
+}
+
+/// Runs the VM test binaries where a usable KVM exists.
+fn run_vm_binaries(cache: &Cache, binaries: &[TestBinary], filter: Option<&str>) -> Result<Tally> {
+    if binaries.is_empty() {
+        return Ok(Tally::default());
+    }
+    let manifest_dir = binaries[0]
+        .executable
+        .ancestors()
+        .nth(3)
+        .map(|target| target.join("wrenn-tests"))
+        .context("test executables are not in a cargo target directory")?;
+    std::fs::create_dir_all(&manifest_dir)?;
+    let manifest = manifest_dir.join("vm-tests.json");
+    std::fs::write(&manifest, serde_json::to_vec_pretty(binaries)?)?;
+
+    let mut argv = vec![
+        std::env::current_exe()?.into_os_string(),
+        "run-tests".into(),
+        "--manifest".into(),
+        manifest.into_os_string(),
+    ];
+    if let Some(filter) = filter {
+        argv.extend(["--filter".into(), filter.into()]);
+    }
+    let mut tee = TallyWriter {
+        inner: std::io::stdout(),
+        line: Vec::new(),
+        tally: Tally::default(),
+    };
+    let code = crate::hostvm::run_argv(cache, &argv, &[("WRENN_REQUIRE_KVM", "1")], &mut tee)?;
+    tee.flush()?;
+    let mut tally = tee.tally;
+    if code != 0 && tally.failed == 0 {
+        eprintln!("the VM test phase exited with {code}");
+        tally.broken += 1;
+    }
+    Ok(tally)
+}
+
+/// Inside the host VM: runs the listed binaries and exits non-zero if any failed.
+pub fn run_manifest(args: RunArgs) -> Result<ExitCode> {
+    let text = std::fs::read(&args.manifest)
+        .with_context(|| format!("reading {}", args.manifest.display()))?;
+    let binaries: Vec<TestBinary> = serde_json::from_slice(&text)?;
+    let tally = run_binaries(&binaries, args.filter.as_deref(), &mut std::io::stdout());
+    Ok(if tally.failed + tally.broken == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Passes output through while counting libtest results in it.
+struct TallyWriter<W: Write> {
+    inner: W,
+    line: Vec<u8>,
+    tally: Tally,
+}
+
+impl<W: Write> Write for TallyWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                self.tally.scan(&String::from_utf8_lossy(&self.line));
+                self.line.clear();
+            } else {
+                self.line.push(b);
+            }
+        }
+        self.inner.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.line.is_empty() {
+            self.tally.scan(&String::from_utf8_lossy(&self.line));
+            self.line.clear();
+        }
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_tally_scan_reads_libtest_summary() {
+        let mut t = Tally::default();
+        t.scan("test result: ok. 5 passed; 1 failed; 2 ignored; 0 measured; 3 filtered out; finished in 0.01s");
+        t.scan("running 8 tests");
+        assert_eq!((t.passed, t.failed, t.skipped), (5, 1, 2));
+    }
+
+    #[test]
+    fn test_package_name_from_package_id() {
+        assert_eq!(
+            package_name("path+file:///work/main/crates/image#wrenn-image@0.1.0"),
+            "wrenn-image"
+        );
+        assert_eq!(package_name("path+file:///work/main/xtask#0.1.0"), "xtask");
+    }
+}
