@@ -1,13 +1,90 @@
-use anyhow::{Result, bail};
+//! `cargo xtask hostvm -- CMD...`: run CMD where a usable KVM exists, with the workspace and the
+//! cache writable (inside the host VM everything else of this machine is read-only).
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use wrenn_hostvm::{CommandSpec, RunOptions};
 use wrenn_image::cache::Cache;
+
 #[derive(Debug, clap::Args)]
-pub struct Args {}
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {}
-pub fn run(_c: &Cache, _a: Args) -> Result<ExitCode> {
-    bail!("not yet")
+pub struct Args {
+    /// Host VM memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// Host VM vCPUs.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Kill the command (and the host VM) after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    command: Vec<OsString>,
 }
-pub fn run_manifest(_a: RunArgs) -> Result<ExitCode> {
-    bail!("not yet")
+
+pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
+    let mut options = RunOptions::new(wrenn_hostvm::decide()?.placement);
+    if let Some(mib) = args.memory_mib {
+        options.memory_mib = mib;
+    }
+    if let Some(cpus) = args.cpus {
+        options.cpus = cpus;
+    }
+    options.timeout = args.timeout.map(Duration::from_secs);
+    let spec = spec(cache, &args.command, &[]);
+    let code = wrenn_hostvm::run(
+        &spec,
+        &options,
+        cache,
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    )?;
+    Ok(ExitCode::from(
+        u8::try_from(code.clamp(0, 255)).unwrap_or(u8::MAX),
+    ))
+}
+
+/// Runs `argv` where a usable KVM exists, its stdout to `out`; returns its exit code.
+pub fn run_argv(
+    cache: &Cache,
+    argv: &[OsString],
+    env: &[(&str, &str)],
+    out: &mut dyn Write,
+) -> Result<i32> {
+    let options = RunOptions::new(wrenn_hostvm::decide()?.placement);
+    let spec = spec(cache, argv, env);
+    Ok(wrenn_hostvm::run(
+        &spec,
+        &options,
+        cache,
+        out,
+        &mut std::io::stderr(),
+    )?)
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| ".".into(), Path::to_owned)
+}
+
+fn spec(cache: &Cache, argv: &[OsString], env: &[(&str, &str)]) -> CommandSpec {
+    let mut spec = CommandSpec::new(argv.iter().cloned())
+        .writable(workspace_root())
+        .writable(cache.root())
+        .env("WRENN_CACHE_DIR", cache.root());
+    // A target directory outside the workspace must be writable too (tests write there).
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        spec = spec.writable(target);
+    }
+    for (key, value) in env {
+        spec = spec.env(key, value);
+    }
+    spec
 }

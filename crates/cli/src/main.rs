@@ -15,11 +15,16 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use wrenn_hostvm::{CommandSpec, RunOptions};
 use wrenn_image::cache::Cache;
 use wrenn_image::guest::{self, Part};
 
 #[derive(Debug, Parser)]
-#[command(name = "wrenn", version, about = "Wrenn: microVM sandboxes on your own machines")]
+#[command(
+    name = "wrenn",
+    version,
+    about = "Wrenn: microVM sandboxes on your own machines"
+)]
 struct Cli {
     /// Cache directory for built artifacts (default: /var/cache/wrenn as root).
     #[arg(long, global = true, env = "WRENN_CACHE_DIR")]
@@ -107,21 +112,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Hostvm(args) => {
-            let options = wrenn_hostvm::Options {
-                memory_mib: args.memory_mib,
-                cpus: args.cpus,
-                timeout: args.timeout.map(Duration::from_secs),
-                ..Default::default()
-            };
-            let code = wrenn_hostvm::run_here(&cache, &args.command, &[], &options)?;
-            Ok(exit_code(code))
+            let mut options = RunOptions::new(wrenn_hostvm::decide()?.placement);
+            if let Some(mib) = args.memory_mib {
+                options.memory_mib = mib;
+            }
+            if let Some(cpus) = args.cpus {
+                options.cpus = cpus;
+            }
+            options.timeout = args.timeout.map(Duration::from_secs);
+            Ok(exit_code(run_where_kvm_is(
+                &cache,
+                &args.command,
+                &options,
+            )?))
         }
         Command::KvmCheck => {
             let verdict = wrenn_vmm::probe::assess();
             println!("{verdict}");
-            Ok(if verdict.is_usable() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if verdict.is_usable() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
+}
+
+/// Runs `argv` with the working directory and the cache writable inside the host VM; returns
+/// its exit code.
+fn run_where_kvm_is(cache: &Cache, argv: &[OsString], options: &RunOptions) -> Result<i32> {
+    let cwd = std::env::current_dir()?;
+    let spec = CommandSpec::new(argv.iter().cloned())
+        .writable(cwd)
+        .writable(cache.root())
+        .env("WRENN_CACHE_DIR", cache.root());
+    Ok(wrenn_hostvm::run(
+        &spec,
+        options,
+        cache,
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    )?)
 }
 
 /// The command's exit code as ours (clamped into 0..=255).

@@ -34,11 +34,16 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
     match decision.placement {
         Placement::Direct => inside(cache, args.check),
         Placement::HostVm => {
-            let mut argv = vec![std::env::current_exe()?.into_os_string(), "up".into(), "--inside".into()];
+            let mut argv = vec![
+                std::env::current_exe()?.into_os_string(),
+                "up".into(),
+                "--inside".into(),
+            ];
             if args.check {
                 argv.push("--check".into());
             }
-            let code = wrenn_hostvm::run_here(cache, &argv, &[], &Default::default())?;
+            let options = wrenn_hostvm::RunOptions::new(decision.placement);
+            let code = crate::run_where_kvm_is(cache, &argv, &options)?;
             Ok(crate::exit_code(code))
         }
     }
@@ -56,14 +61,22 @@ fn inside(cache: &Cache, check_only: bool) -> Result<ExitCode> {
         bail!("the guest kernel or test image is missing");
     };
     let outcome = Boot::new(&kernel.file("vmlinux"), &test.file(IMAGE_FILE), Accel::Kvm).run()?;
-    let ready = outcome
-        .ready_after
-        .with_context(|| format!("the test guest did not reach {READY_MARKER}:\n{}", outcome.console))?;
-    println!("test guest booted on this KVM to its ready marker in {} ms", ready.as_millis());
+    let ready = outcome.ready_after.with_context(|| {
+        format!(
+            "the test guest did not reach {READY_MARKER}:\n{}",
+            outcome.console
+        )
+    })?;
+    println!(
+        "test guest booted on this KVM to its ready marker in {} ms",
+        ready.as_millis()
+    );
     if check_only {
         return Ok(ExitCode::SUCCESS);
     }
-    println!("Wrenn is up (Ctrl-C to stop). The host agent and control plane arrive with the next releases.");
+    println!(
+        "Wrenn is up (Ctrl-C to stop). The host agent and control plane arrive with the next releases."
+    );
     loop {
         std::thread::park();
     }

@@ -22,8 +22,10 @@ fn stderr(out: &Output) -> String {
 }
 
 fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")))
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    })
 }
 
 #[test]
@@ -32,7 +34,10 @@ fn test_guest_show_empty_cache_says_how_to_build() {
     let out = wrenn(cache.path(), &["guest", "show", "--only", "test"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("is missing; build it first with `cargo xtask guest`"), "{err}");
+    assert!(
+        err.contains("is missing; build it first with `cargo xtask guest`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -53,10 +58,16 @@ fn test_guest_build_corrupt_entry_fails_clearly() {
     let out = wrenn(cache.path(), &["guest", "build", "--only", "test"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("is corrupt: rootfs.ext4 does not match its sha256"), "{err}");
+    assert!(
+        err.contains("is corrupt: rootfs.ext4 does not match its sha256"),
+        "{err}"
+    );
     assert!(err.contains("--rebuild"), "{err}");
 
-    let out = wrenn(cache.path(), &["guest", "build", "--only", "test", "--rebuild"]);
+    let out = wrenn(
+        cache.path(),
+        &["guest", "build", "--only", "test", "--rebuild"],
+    );
     assert!(out.status.success(), "rebuild heals it: {}", stderr(&out));
 }
 
@@ -95,10 +106,19 @@ fn test_hostvm_without_command_is_a_usage_error() {
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
         // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
             out.push(child);
         }
@@ -107,8 +127,13 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 #[test]
@@ -127,25 +152,41 @@ fn test_hostvm_interrupted_leaves_no_qemu() {
         let found: Vec<u32> = children(pid)
             .into_iter()
             .filter(|c| {
-                std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.starts_with("qemu"))
+                std::fs::read_to_string(format!("/proc/{c}/comm"))
+                    .is_ok_and(|n| n.starts_with("qemu"))
             })
             .collect();
         if let Some(&q) = found.first() {
             break q;
         }
-        assert!(Instant::now() < deadline, "no qemu started under wrenn hostvm");
-        assert!(child.try_wait().unwrap().is_none(), "wrenn hostvm exited early");
+        assert!(
+            Instant::now() < deadline,
+            "no qemu started under wrenn hostvm"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "wrenn hostvm exited early"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     // Let it get going, then interrupt wrenn alone (not its process group).
     std::thread::sleep(Duration::from_secs(2));
-    let status = Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let status = child.wait().unwrap();
-    assert!(!status.success(), "an interrupted run must not report success");
+    assert!(
+        !status.success(),
+        "an interrupted run must not report success"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(qemu) {
-        assert!(Instant::now() < deadline, "qemu {qemu} outlived wrenn hostvm");
+        assert!(
+            Instant::now() < deadline,
+            "qemu {qemu} outlived wrenn hostvm"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -75,11 +75,15 @@ pub fn missing(wanted: &[&str]) -> Result<Vec<String>, PackagesError> {
 
 /// Installs whatever of `wanted` is missing.
 pub fn ensure(wanted: &[&str]) -> Result<(), PackagesError> {
+    ensure_with(wanted, is_root())
+}
+
+fn ensure_with(wanted: &[&str], root: bool) -> Result<(), PackagesError> {
     let missing = missing(wanted)?;
     if missing.is_empty() {
         return Ok(());
     }
-    if !is_root() {
+    if !root {
         return Err(PackagesError::NotRoot { missing });
     }
     tracing::info!(packages = %missing.join(" "), "installing system packages");
@@ -131,6 +135,22 @@ mod tests {
     fn test_missing_reports_unknown_package() {
         let missing = missing(&["dpkg", "wrenn-no-such-package-xyz"]).unwrap();
         assert_eq!(missing, vec!["wrenn-no-such-package-xyz".to_owned()]);
+    }
+
+    #[test]
+    fn test_ensure_missing_without_root_says_what_to_install() {
+        let err = ensure_with(&["dpkg", "wrenn-no-such-package-xyz"], false).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("apt-get install wrenn-no-such-package-xyz"),
+            "{msg}"
+        );
+        assert!(!msg.contains("dpkg "), "{msg}");
+    }
+
+    #[test]
+    fn test_ensure_all_present_does_nothing() {
+        ensure_with(&["dpkg", "coreutils"], false).unwrap();
     }
 
     #[test]

@@ -1,0 +1,80 @@
+#!/bin/busybox sh
+# PID 1 of Wrenn's host VM (L1); see crates/hostvm/src/lib.rs for the design.
+#
+# 1. load the virtio-mmio and 9p modules, mount the per-run share (tag wrennrun) at /wrenn;
+# 2. load kvm and kvm_amd, check /dev/kvm;
+# 3. mount the host's root read-only at /mnt/host with /dev, /proc, /sys, a fresh /run, the
+#    per-run /tmp and the writable shares (listed in /wrenn/spec.sh) at their host paths;
+# 4. create /wrenn/ready, run the command of /wrenn/spec.sh chrooted there with stdout and stderr
+#    going to /wrenn/stdout and /wrenn/stderr, write its exit status to /wrenn/exit;
+# 5. reset the VM (QEMU runs with -no-reboot, so it exits).
+# Progress and failures go to the console (the host's console.log); a failure once /wrenn is
+# mounted is also written to /wrenn/error, which the host reports.
+
+/bin/busybox mkdir -p /bin /dev /proc /sys /run /wrenn /mnt/host
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+say() { echo "wrenn-init: $*" >/dev/console; }
+
+finish() {
+    sync
+    reboot -f
+    sleep 10
+}
+
+fail() {
+    say "error: $*"
+    if grep -q ' /wrenn ' /proc/mounts; then
+        { echo "$*"; echo "--- last kernel messages:"; dmesg | tail -n 12; } >/wrenn/error.new
+        mv /wrenn/error.new /wrenn/error
+    fi
+    finish
+}
+
+# load GROUP [HINT]: insmod /lib/modules/GROUP/*.ko, whose names start with their load position.
+load() {
+    for m in /lib/modules/"$1"/*.ko; do
+        [ -e "$m" ] || continue
+        out=$(insmod "$m" 2>&1) || fail "${2:+$2: }insmod $m failed: $out"
+    done
+}
+
+mount -t devtmpfs devtmpfs /dev || say "cannot mount devtmpfs"
+mount -t proc proc /proc || say "cannot mount proc"
+mount -t sysfs sysfs /sys || say "cannot mount sysfs"
+
+opts=trans=virtio,version=9p2000.L,msize=512000
+load fs
+mount -t 9p -o "$opts" wrennrun /wrenn || fail "cannot mount the per-run share"
+
+load kvm "no /dev/kvm: kvm_amd needs AMD SVM with nested paging in the VM's CPU model (QEMU -cpu)"
+[ -c /dev/kvm ] || fail "/dev/kvm is missing after loading kvm and kvm_amd"
+
+mount -t 9p -o "$opts,ro,cache=loose" hostroot /mnt/host || fail "cannot mount the host root"
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o ptmxmode=0666 devpts /dev/pts || fail "cannot mount devpts"
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm || fail "cannot mount /dev/shm"
+mount -o rbind /dev /mnt/host/dev || fail "cannot bind /dev"
+mount -t proc proc /mnt/host/proc || fail "cannot mount /proc"
+mount -t sysfs sysfs /mnt/host/sys || fail "cannot mount /sys"
+mount -t tmpfs -o mode=755 tmpfs /mnt/host/run || fail "cannot mount /run"
+mount -o bind /wrenn/tmp /mnt/host/tmp || fail "cannot bind /tmp"
+
+# Called by spec.sh for each writable share, parents before children.
+share() {
+    mkdir -p "/mnt/host$2" 2>/dev/null
+    mount -t 9p -o "$opts,cache=mmap" "$1" "/mnt/host$2" || fail "cannot mount writable share $2"
+}
+
+# Sets WRENN_CWD, mounts the shares, and sets "$@" to NAME=VALUE... ARGV...
+[ -r /wrenn/spec.sh ] || fail "/wrenn/spec.sh is missing"
+. /wrenn/spec.sh
+
+: >/wrenn/ready
+# In a subshell, so that the redirections are the command's only: a simple command's are also
+# active in ash itself, which would then write "Killed" to the command's stderr.
+(exec chroot /mnt/host /usr/bin/env -i -C "$WRENN_CWD" -- "$@") </dev/null >/wrenn/stdout 2>/wrenn/stderr
+code=$?
+echo "$code" >/wrenn/exit.new && mv /wrenn/exit.new /wrenn/exit || say "cannot record the exit status $code"
+finish
