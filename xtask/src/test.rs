@@ -78,7 +78,7 @@ impl Tally {
         let Some(rest) = line.trim().strip_prefix("test result: ") else {
             return;
         };
-        for part in rest.split(|c| c == ';' || c == '.') {
+        for part in rest.split([';', '.']) {
             let mut words = part.split_whitespace();
             let (Some(n), Some(what)) = (words.next(), words.next()) else {
                 continue;
