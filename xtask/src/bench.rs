@@ -72,12 +72,14 @@ fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
     }
 
     // Baseline: the same guest under software emulation, directly on this machine.
-    let tcg = boot_samples(cache, args.runs, Accel::Tcg)?;
+    let (tcg, tcg_uptime) = boot_samples(cache, args.runs, Accel::Tcg)?;
     print_stats("guest", "tcg_boot_to_marker", &tcg);
+    print_stats("guest", "tcg_guest_uptime_at_marker", &tcg_uptime);
 
     // Host VM: launch to a command running inside, then (once) our guest on its KVM.
     let mut hostvm_ready = Vec::new();
     let mut kvm = Vec::new();
+    let mut kvm_uptime = Vec::new();
     for i in 0..args.runs {
         let started = Instant::now();
         if i == 0 {
@@ -95,7 +97,8 @@ fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
             if code != 0 {
                 bail!("the boot benchmark inside the host VM failed ({code})");
             }
-            kvm = capture.samples;
+            kvm = capture.samples.iter().map(|s| s.0).collect();
+            kvm_uptime = capture.samples.iter().map(|s| s.1).collect();
         } else {
             let code = crate::hostvm::run_argv(cache, &["true".into()], &[], &mut std::io::sink())?;
             if code != 0 {
@@ -106,11 +109,13 @@ fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
     }
     print_stats("guest", "hostvm_run_true", &hostvm_ready);
     print_stats("guest", "kvm_boot_to_marker", &kvm);
+    print_stats("guest", "kvm_guest_uptime_at_marker", &kvm_uptime);
     let (kvm_med, tcg_med) = (median(&kvm), median(&tcg));
     println!(
-        "RESULT guest kvm_boot_median={:.0}ms kvm_boot_p99={:.0}ms tcg_baseline_median={:.0}ms ratio={:.2}x hostvm_run_true_median={:.0}ms kernel_build={:.0}s",
+        "RESULT guest kvm_boot_median={:.0}ms kvm_boot_p99={:.0}ms kvm_guest_uptime_median={:.0}ms tcg_baseline_median={:.0}ms ratio={:.2}x hostvm_run_true_median={:.0}ms kernel_build={:.0}s",
         ms(kvm_med),
         ms(p99(&kvm)),
+        ms(median(&kvm_uptime)),
         ms(tcg_med),
         kvm_med.as_secs_f64() / tcg_med.as_secs_f64(),
         ms(median(&hostvm_ready)),
@@ -119,11 +124,17 @@ fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Boots the test image `runs` times and returns the time to the ready marker.
-fn boot_samples(cache: &Cache, runs: usize, accel: Accel) -> Result<Vec<Duration>> {
+/// Boots the test image `runs` times; returns the times from QEMU's start to the ready marker
+/// and the guest's own uptime at the marker.
+fn boot_samples(
+    cache: &Cache,
+    runs: usize,
+    accel: Accel,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let kernel = kernel::find(cache)?;
     let image = rootfs::find(cache, ImageKind::Test)?;
     let mut samples = Vec::with_capacity(runs);
+    let mut uptimes = Vec::with_capacity(runs);
     for _ in 0..runs {
         let boot = Boot::new(
             &kernel.file("vmlinux"),
@@ -135,14 +146,20 @@ fn boot_samples(cache: &Cache, runs: usize, accel: Accel) -> Result<Vec<Duration
             .ready_after
             .with_context(|| format!("no {READY_MARKER} from the guest:\n{}", outcome.console))?;
         samples.push(ready);
+        uptimes.push(
+            outcome
+                .guest_uptime
+                .context("the ready marker carries no uptime")?,
+        );
     }
-    Ok(samples)
+    Ok((samples, uptimes))
 }
 
 /// Inside the host VM: print one SAMPLE line per boot for the outer process.
 fn guest_boot_samples(cache: &Cache, runs: usize, accel: Accel) -> Result<ExitCode> {
-    for sample in boot_samples(cache, runs, accel)? {
-        println!("SAMPLE {:.3}", ms(sample));
+    let (ready, uptime) = boot_samples(cache, runs, accel)?;
+    for (ready, uptime) in ready.iter().zip(&uptime) {
+        println!("SAMPLE {:.3} {:.3}", ms(*ready), ms(*uptime));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -151,7 +168,8 @@ fn guest_boot_samples(cache: &Cache, runs: usize, accel: Accel) -> Result<ExitCo
 #[derive(Default)]
 struct SampleCapture {
     line: Vec<u8>,
-    samples: Vec<Duration>,
+    /// (QEMU start to marker, guest uptime at marker)
+    samples: Vec<(Duration, Duration)>,
 }
 
 impl Write for SampleCapture {
@@ -162,12 +180,8 @@ impl Write for SampleCapture {
                 continue;
             }
             let line = String::from_utf8_lossy(&self.line).into_owned();
-            match line
-                .trim()
-                .strip_prefix("SAMPLE ")
-                .and_then(|v| v.parse::<f64>().ok())
-            {
-                Some(v) => self.samples.push(Duration::from_secs_f64(v / 1000.0)),
+            match parse_sample(&line) {
+                Some(sample) => self.samples.push(sample),
                 None => println!("{line}"),
             }
             self.line.clear();
@@ -178,6 +192,15 @@ impl Write for SampleCapture {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// `SAMPLE <ready ms> <uptime ms>`.
+fn parse_sample(line: &str) -> Option<(Duration, Duration)> {
+    let mut fields = line.trim().strip_prefix("SAMPLE ")?.split_whitespace();
+    let mut next = || -> Option<Duration> {
+        Duration::try_from_secs_f64(fields.next()?.parse::<f64>().ok()? / 1000.0).ok()
+    };
+    Some((next()?, next()?))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -227,6 +250,16 @@ fn print_stats(bench: &str, metric: &str, samples: &[Duration]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_parse_sample_reads_both_fields() {
+        assert_eq!(
+            parse_sample("SAMPLE 1500.000 820.500"),
+            Some((Duration::from_millis(1500), Duration::from_micros(820_500)))
+        );
+        assert_eq!(parse_sample("SAMPLE 1500"), None);
+        assert_eq!(parse_sample("BENCH x"), None);
+    }
 
     #[test]
     fn test_median_and_p99_of_five() {

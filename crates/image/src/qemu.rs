@@ -56,6 +56,8 @@ pub struct BootOutcome {
     pub console: String,
     /// From QEMU's start to the init's ready marker.
     pub ready_after: Option<Duration>,
+    /// The guest's own uptime when it printed the marker (its kernel's boot plus init).
+    pub guest_uptime: Option<Duration>,
     /// The exit code of the `wrenn_run` script, when one was given.
     pub run_exit: Option<i32>,
     /// From QEMU's start to its exit.
@@ -150,6 +152,7 @@ impl Boot {
         let deadline = started + self.timeout;
         let mut console = String::new();
         let mut ready_after = None;
+        let mut guest_uptime = None;
         let mut run_exit = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -158,6 +161,7 @@ impl Boot {
                     let line = line.trim_end_matches('\r');
                     if ready_after.is_none() && line.contains(READY_MARKER) {
                         ready_after = Some(started.elapsed());
+                        guest_uptime = parse_uptime(line);
                     }
                     if let Some(code) = line.strip_prefix("WRENN_EXIT=") {
                         run_exit = code.trim().parse().ok();
@@ -179,10 +183,19 @@ impl Boot {
         Ok(BootOutcome {
             console,
             ready_after,
+            guest_uptime,
             run_exit,
             total: started.elapsed(),
         })
     }
+}
+
+/// `WRENN_GUEST_READY uptime=0.84` -> 0.84 s.
+fn parse_uptime(line: &str) -> Option<Duration> {
+    let value = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("uptime="))?;
+    Duration::try_from_secs_f64(value.parse().ok()?).ok()
 }
 
 fn forward_lines(stream: Option<impl std::io::Read>, tx: &mpsc::Sender<String>) {
@@ -246,6 +259,16 @@ mod tests {
         for (plain, encoded) in cases {
             assert_eq!(base64(plain.as_bytes()), encoded);
         }
+    }
+
+    #[test]
+    fn test_parse_uptime_reads_marker_suffix() {
+        assert_eq!(
+            parse_uptime("WRENN_GUEST_READY uptime=0.84"),
+            Some(Duration::from_millis(840))
+        );
+        assert_eq!(parse_uptime("WRENN_GUEST_READY"), None);
+        assert_eq!(parse_uptime("WRENN_GUEST_READY uptime=-1"), None);
     }
 
     #[test]
