@@ -59,6 +59,9 @@ mount -o rbind /dev /mnt/host/dev || fail "cannot bind /dev"
 mount -t proc proc /mnt/host/proc || fail "cannot mount /proc"
 mount -t sysfs sysfs /mnt/host/sys || fail "cannot mount /sys"
 mount -t tmpfs -o mode=755 tmpfs /mnt/host/run || fail "cannot mount /run"
+# The host's own /tmp stays reachable here, for keep() below.
+mkdir -p /hosttmp
+mount -o bind /mnt/host/tmp /hosttmp || fail "cannot bind the host's /tmp aside"
 mount -o bind /wrenn/tmp /mnt/host/tmp || fail "cannot bind /tmp"
 
 # Called by spec.sh for each writable share, parents before children.
@@ -67,7 +70,19 @@ share() {
     mount -t 9p -o "$opts,cache=mmap" "$1" "/mnt/host$2" || fail "cannot mount writable share $2"
 }
 
-# Sets WRENN_CWD, mounts the shares, and sets "$@" to NAME=VALUE... ARGV...
+# Called by spec.sh for a host path under /tmp that the command needs but the per-run /tmp
+# hides (its cwd, its program): bind the host's original there, read-only.
+keep() {
+    rest=${1#/tmp/}
+    if [ -d "/hosttmp/$rest" ]; then
+        mkdir -p "/mnt/host$1"
+    else
+        mkdir -p "$(dirname "/mnt/host$1")" && : >"/mnt/host$1"
+    fi
+    mount -o bind,ro "/hosttmp/$rest" "/mnt/host$1" || fail "cannot keep $1 visible"
+}
+
+# Sets WRENN_CWD, mounts the shares, keeps paths under /tmp visible, and sets "$@" to NAME=VALUE... ARGV...
 [ -r /wrenn/spec.sh ] || fail "/wrenn/spec.sh is missing"
 . /wrenn/spec.sh
 

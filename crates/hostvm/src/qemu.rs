@@ -29,18 +29,23 @@ const CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t cryptomgr.notests \
 /// build, 0 of 6 with the frequency given). `lpj` also spares each secondary vCPU a ~0.9 s
 /// calibration.
 ///
-/// `tsc=reliable`: the kernel otherwise judges the emulated vCPUs' TSCs unsynchronized and falls
-/// back to jiffies, a 4 ms clock that makes every timing taken inside the host VM coarse.
+/// With one vCPU, `tsc=reliable`: the kernel otherwise falls back to jiffies, a 4 ms clock that
+/// makes every timing taken inside the host VM coarse. With several vCPUs the emulated TSCs
+/// really are unsynchronized (they follow the host's), and forcing the TSC there hung the host
+/// VM within minutes; such a host VM keeps jiffies.
 ///
 /// `quiet` saves ~0.25 s of serial output; `verbose` (used after a failed boot) keeps the
 /// kernel's messages in the console log to show where a boot stops.
-pub(crate) fn cmdline(hz: Option<u32>, verbose: bool) -> String {
+pub(crate) fn cmdline(hz: Option<u32>, cpus: u32, verbose: bool) -> String {
     let mut line = CMDLINE.to_owned();
     if !verbose {
         line.push_str(" quiet");
     }
     if let Some(khz) = host_tsc_khz() {
-        line.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+        line.push_str(&format!(" tsc_early_khz={khz}"));
+        if cpus == 1 {
+            line.push_str(" tsc=reliable");
+        }
         if let Some(hz) = hz.filter(|hz| *hz > 0) {
             line.push_str(&format!(" lpj={}", khz * 1000 / u64::from(hz)));
         }
@@ -112,7 +117,7 @@ pub(crate) fn args(cfg: &VmConfig<'_>) -> Vec<OsString> {
     flag("-m", format!("{}M", cfg.memory_mib).into());
     flag("-kernel", cfg.vmlinux.into());
     flag("-initrd", cfg.initramfs.into());
-    flag("-append", cmdline(cfg.hz, cfg.verbose).into());
+    flag("-append", cmdline(cfg.hz, cfg.cpus, cfg.verbose).into());
     flag(
         "-chardev",
         concat(&[

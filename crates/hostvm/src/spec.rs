@@ -150,6 +150,11 @@ impl CommandSpec {
             s.extend(shell_quote(path.as_os_str()));
             s.push(b'\n');
         }
+        for path in self.hidden_by_tmp(shares) {
+            s.extend_from_slice(b"keep ");
+            s.extend(shell_quote(path.as_os_str()));
+            s.push(b'\n');
+        }
         s.extend_from_slice(b"set --");
         let in_hostvm = OsStr::new(IN_HOSTVM_ENV);
         for (key, value) in self.env.iter().filter(|(k, _)| k != in_hostvm) {
@@ -167,6 +172,23 @@ impl CommandSpec {
         }
         s.push(b'\n');
         s
+    }
+}
+
+impl CommandSpec {
+    /// Host paths the command needs (its cwd, an absolute program path) that lie under /tmp
+    /// outside every writable share: the per-run /tmp would hide them, so init keeps them
+    /// visible, read-only. (A fresh clone under /tmp is a common place to run tests from.)
+    fn hidden_by_tmp(&self, shares: &[(String, PathBuf)]) -> Vec<PathBuf> {
+        let program = self.argv.first().map(Path::new).filter(|p| p.is_absolute());
+        let mut paths: Vec<PathBuf> = std::iter::once(self.cwd.as_path())
+            .chain(program)
+            .filter(|p| p.starts_with("/tmp") && *p != Path::new("/tmp"))
+            .filter(|p| !shares.iter().any(|(_, dir)| p.starts_with(dir)))
+            .map(Path::to_owned)
+            .collect();
+        paths.dedup();
+        paths
     }
 }
 
@@ -245,6 +267,31 @@ mod tests {
         let out = evaluate(&s.guest_script(&[]));
         let wanted: &[u8] = b"arg:a\xff\xfeb\n";
         assert!(out.windows(wanted.len()).any(|w| w == wanted), "{out:?}");
+    }
+
+    #[test]
+    fn test_guest_script_keeps_tmp_paths_outside_shares() {
+        let spec = CommandSpec::new(["/tmp/clone/target/debug/t"]).cwd("/tmp/clone/crates/a");
+        let script = String::from_utf8(spec.guest_script(&[])).unwrap();
+        assert!(script.contains("keep '/tmp/clone/crates/a'\n"), "{script}");
+        assert!(
+            script.contains("keep '/tmp/clone/target/debug/t'\n"),
+            "{script}"
+        );
+
+        let shares = [("wrenn0".to_owned(), PathBuf::from("/tmp/clone"))];
+        let script = String::from_utf8(spec.guest_script(&shares)).unwrap();
+        assert!(
+            !script.contains("keep "),
+            "inside a share needs no keep: {script}"
+        );
+
+        let spec = CommandSpec::new(["sh"]).cwd("/work");
+        assert!(
+            !String::from_utf8(spec.guest_script(&[]))
+                .unwrap()
+                .contains("keep ")
+        );
     }
 
     #[test]

@@ -148,7 +148,15 @@ fn test_hostvm_signal_gives_128_plus_signal_and_no_shell_noise() {
     require_hostvm!();
     init_logs();
     let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let spec = CommandSpec::new(["sh", "-c", "echo before >&2; kill -KILL $$"]);
+    // A cwd under the host's /tmp, outside any writable share, stays visible inside (the VM's
+    // own /tmp would hide it otherwise).
+    let host_tmp = tempfile::Builder::new()
+        .prefix("wrenn-hostvm-cwd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    fs::write(host_tmp.path().join("note.txt"), "before\n").unwrap();
+    let spec =
+        CommandSpec::new(["sh", "-c", "cat note.txt >&2; kill -KILL $$"]).cwd(host_tmp.path());
     let (result, out, err) = run_captured(&spec, &RunOptions::new(Placement::HostVm));
     assert_eq!(result.unwrap_or_else(|e| panic!("{}", chain(&e))), 128 + 9);
     assert_eq!(out, "");
