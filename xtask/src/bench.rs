@@ -44,6 +44,7 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
 
 fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
     let built = guest::build(cache, &[], args.rebuild)?;
+    wrenn_image::packages::ensure(wrenn_image::qemu::PACKAGES)?;
     let (Some(k), Some(test), Some(base)) = (&built.kernel, &built.test, &built.base) else {
         bail!("guest build returned no artifacts");
     };

@@ -28,14 +28,11 @@ pub struct Args {
 }
 
 pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
-    let mut options = RunOptions::new(wrenn_hostvm::decide()?.placement);
-    if let Some(mib) = args.memory_mib {
-        options.memory_mib = mib;
-    }
-    if let Some(cpus) = args.cpus {
-        options.cpus = cpus;
-    }
-    options.timeout = args.timeout.map(Duration::from_secs);
+    let options = RunOptions::new(wrenn_hostvm::decide()?.placement).with_overrides(
+        args.cpus,
+        args.memory_mib,
+        args.timeout.map(Duration::from_secs),
+    );
     let spec = spec(cache, &args.command, &[]);
     let code = wrenn_hostvm::run(
         &spec,

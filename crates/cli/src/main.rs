@@ -9,8 +9,8 @@
 mod up;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -114,14 +114,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Hostvm(args) => {
-            let mut options = RunOptions::new(wrenn_hostvm::decide()?.placement);
-            if let Some(mib) = args.memory_mib {
-                options.memory_mib = mib;
-            }
-            if let Some(cpus) = args.cpus {
-                options.cpus = cpus;
-            }
-            options.timeout = args.timeout.map(Duration::from_secs);
+            let options = RunOptions::new(wrenn_hostvm::decide()?.placement).with_overrides(
+                args.cpus,
+                args.memory_mib,
+                args.timeout.map(Duration::from_secs),
+            );
             Ok(exit_code(run_where_kvm_is(
                 &cache,
                 &args.command,

@@ -29,6 +29,7 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
         return inside(cache, args.check);
     }
     let built = guest::build(cache, &[], false).context("building the guest")?;
+    wrenn_image::packages::ensure(wrenn_image::qemu::PACKAGES)?;
     print!("{}", built.summary());
     let decision = wrenn_hostvm::decide()?;
     match decision.placement {

@@ -72,6 +72,19 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
+    /// Applies the overrides a user gave (command-line flags); `None` keeps the default.
+    pub fn with_overrides(
+        mut self,
+        cpus: Option<u32>,
+        memory_mib: Option<u32>,
+        timeout: Option<Duration>,
+    ) -> Self {
+        self.cpus = cpus.unwrap_or(self.cpus);
+        self.memory_mib = memory_mib.unwrap_or(self.memory_mib);
+        self.timeout = timeout.or(self.timeout);
+        self
+    }
+
     pub fn new(placement: Placement) -> Self {
         RunOptions {
             placement,

@@ -75,36 +75,10 @@ pub fn run(cmd: &mut Command) -> Result<String, CommandError> {
 
 /// Runs `cmd` with stdout and stderr going to `log`; fails with the log's last lines.
 pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<(), CommandError> {
-    let file = File::create(log).map_err(|source| CommandError::Log {
-        path: log.into(),
-        source,
-    })?;
-    let err = file.try_clone().map_err(|source| CommandError::Log {
-        path: log.into(),
-        source,
-    })?;
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(file)
-        .stderr(err)
-        .status()
-        .map_err(|source| CommandError::Spawn {
-            program: cmd.get_program().to_string_lossy().into_owned(),
-            source,
-        })?;
-    if status.success() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    Err(CommandError::Failed {
-        command: describe(cmd),
-        status: status.to_string(),
-        log: Some(log.to_owned()),
-        tail: last_lines(&text, 30),
-    })
+    run_streamed(cmd, log, |_| {})
 }
 
-/// Runs `cmd` with its stdout and stderr appended to `log`, calling `on_line` with each stdout
+/// Runs `cmd` with its stdout and stderr written to `log`, calling `on_line` with each stdout
 /// line as it arrives (for progress); fails with the log's last lines.
 pub fn run_streamed(
     cmd: &mut Command,

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use crate::command::{self, last_lines};
 use crate::rootfs::{INIT_PATH, READY_MARKER};
 
+/// Packages a boot needs.
+pub const PACKAGES: &[&str] = &["qemu-system-x86"];
+
 /// How QEMU runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
