@@ -5,6 +5,8 @@
 //! - `cargo xtask test`: the whole test suite (host tests here, VM tests through `hostvm`);
 //! - `cargo xtask bench NAME`: benchmarks, printed as `BENCH` lines and one `RESULT` line.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod hostvm;
 mod test;

@@ -6,6 +6,8 @@
 //! - `wrenn hostvm -- CMD...`: run CMD where a usable KVM exists.
 //! - `wrenn kvm-check`: say whether this machine's /dev/kvm can run Linux guests.
 
+#![forbid(unsafe_code)]
+
 mod up;
 
 use std::ffi::OsString;

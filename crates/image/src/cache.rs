@@ -29,6 +29,10 @@ const HASH_ON_LOOKUP_LIMIT: u64 = 256 << 20;
 
 const MANIFEST: &str = "manifest.json";
 
+/// Entries kept per kind when a new one is built: the current recipe's and a few older ones
+/// (another checkout may still use them; a kernel takes minutes to rebuild).
+const KEEP_PER_KIND: usize = 3;
+
 /// Errors from the artifact cache.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -219,7 +223,42 @@ impl Cache {
         if published.is_err() {
             let _ = fs::remove_dir_all(&staging);
         }
-        Ok(published?)
+        let entry = published?;
+        // A new build usually replaces an older recipe's; keep a few for other checkouts.
+        if let Err(e) = self.prune(kind, KEEP_PER_KIND) {
+            tracing::warn!(kind, error = %e, "could not prune old cache entries");
+        }
+        Ok(entry)
+    }
+
+    /// Removes all but the `keep` most recently built entries of `kind`.
+    pub fn prune(&self, kind: &str, keep: usize) -> Result<Vec<PathBuf>, CacheError> {
+        let kind_dir = self.root.join(kind);
+        let mut entries = Vec::new();
+        for item in fs::read_dir(&kind_dir).map_err(|e| CacheError::io(&kind_dir, e))? {
+            let item = item.map_err(|e| CacheError::io(&kind_dir, e))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            // Locks and builds in progress start with a dot.
+            if name.starts_with('.') || !item.path().is_dir() {
+                continue;
+            }
+            let built = fs::metadata(item.path().join(MANIFEST))
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH);
+            entries.push((built, item.path()));
+        }
+        entries.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut removed = Vec::new();
+        for (_, dir) in entries.into_iter().skip(keep) {
+            fs::remove_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
+            // The lock file of a removed entry is no longer needed either.
+            if let Some(key) = dir.file_name() {
+                let _ = fs::remove_file(kind_dir.join(format!(".{}.lock", key.to_string_lossy())));
+            }
+            tracing::info!(entry = %dir.display(), "removed an old cache entry");
+            removed.push(dir);
+        }
+        Ok(removed)
     }
 }
 
@@ -405,6 +444,22 @@ mod tests {
             .filter(|n| !n.to_string_lossy().ends_with(".lock"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn test_prune_keeps_newest_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path());
+        for key in ["k1", "k2", "k3"] {
+            cache.get_or_build("thing", key, build_ok).unwrap();
+            // Distinct modification times, oldest first.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let removed = cache.prune("thing", 2).unwrap();
+        assert_eq!(removed, vec![tmp.path().join("thing/k1")]);
+        assert!(cache.lookup("thing", "k1").unwrap().is_none());
+        assert!(cache.lookup("thing", "k2").unwrap().is_some());
+        assert!(cache.lookup("thing", "k3").unwrap().is_some());
     }
 
     #[test]
