@@ -247,7 +247,7 @@ impl Cache {
                 .unwrap_or(UNIX_EPOCH);
             entries.push((built, item.path()));
         }
-        entries.sort_by(|a, b| b.0.cmp(&a.0));
+        entries.sort_by_key(|(built, _)| std::cmp::Reverse(*built));
         let mut removed = Vec::new();
         for (_, dir) in entries.into_iter().skip(keep) {
             fs::remove_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
