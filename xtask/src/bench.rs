@@ -238,14 +238,15 @@ fn print_stats(bench: &str, metric: &str, samples: &[Duration]) {
     let (Some(min), Some(max)) = (s.first(), s.last()) else {
         return;
     };
-    println!(
-        "BENCH {bench} {metric}_median={:.0}ms {metric}_min={:.0}ms {metric}_max={:.0}ms {metric}_p99={:.0}ms n={}",
-        ms(median(&s)),
-        ms(*min),
-        ms(*max),
-        ms(p99(&s)),
-        s.len()
-    );
+    for (stat, value) in [
+        ("median", median(&s)),
+        ("p99", p99(&s)),
+        ("min", *min),
+        ("max", *max),
+    ] {
+        println!("BENCH {bench} {metric}_{stat}={:.0}ms", ms(value));
+    }
+    println!("BENCH {bench} {metric}_samples={}", s.len());
 }
 
 #[cfg(test)]
