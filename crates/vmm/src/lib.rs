@@ -1,3 +1,4 @@
 //! Wrenn's microVM monitor on KVM.
 
+pub mod mptable;
 pub mod probe;
