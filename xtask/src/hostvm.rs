@@ -74,8 +74,7 @@ fn workspace_root() -> PathBuf {
 fn spec(cache: &Cache, argv: &[OsString], env: &[(&str, &str)]) -> CommandSpec {
     let mut spec = CommandSpec::new(argv.iter().cloned())
         .writable(workspace_root())
-        .writable(cache.root())
-        .env("WRENN_CACHE_DIR", cache.root());
+        .with_cache(cache);
     // A target directory outside the workspace must be writable too (tests write there).
     if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
         spec = spec.writable(target);

@@ -145,8 +145,7 @@ fn run_where_kvm_is(cache: &Cache, argv: &[OsString], options: &RunOptions) -> R
     let cwd = std::env::current_dir()?;
     let spec = CommandSpec::new(argv.iter().cloned())
         .writable(cwd)
-        .writable(cache.root())
-        .env("WRENN_CACHE_DIR", cache.root());
+        .with_cache(cache);
     Ok(wrenn_hostvm::run(
         &spec,
         options,

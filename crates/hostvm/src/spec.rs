@@ -70,6 +70,13 @@ impl CommandSpec {
         self
     }
 
+    /// Shares the artifact cache writable and names it in the environment, so that the command
+    /// finds the same kernels and images inside the host VM as here (whatever user it runs as).
+    pub fn with_cache(self, cache: &wrenn_image::cache::Cache) -> Self {
+        self.writable(cache.root())
+            .env("WRENN_CACHE_DIR", cache.root())
+    }
+
     /// Checks what both placements need.
     pub(crate) fn validate(&self) -> Result<(), HostVmError> {
         let invalid = |reason: String| Err(HostVmError::InvalidSpec { reason });
