@@ -166,8 +166,8 @@ impl Boot {
                         ready_after = Some(started.elapsed());
                         guest_uptime = parse_uptime(line);
                     }
-                    if let Some(code) = line.strip_prefix("WRENN_EXIT=") {
-                        run_exit = code.trim().parse().ok();
+                    if let Some(code) = parse_exit(line) {
+                        run_exit = Some(code);
                     }
                     console.push_str(line);
                     console.push('\n');
@@ -191,6 +191,17 @@ impl Boot {
             total: started.elapsed(),
         })
     }
+}
+
+/// `WRENN_EXIT=3` -> 3. Kernel messages printed while the serial port drains can land on the
+/// same line (`WRENN_EXIT=0sysrq: Resetting`), so only the leading digits count.
+fn parse_exit(line: &str) -> Option<i32> {
+    let rest = &line[line.find("WRENN_EXIT=")? + "WRENN_EXIT=".len()..];
+    let end = rest
+        .char_indices()
+        .find(|&(i, c)| !(c.is_ascii_digit() || (i == 0 && c == '-')))
+        .map_or(rest.len(), |(i, _)| i);
+    rest[..end].parse().ok()
 }
 
 /// `WRENN_GUEST_READY uptime=0.84` -> 0.84 s.
@@ -272,6 +283,15 @@ mod tests {
         );
         assert_eq!(parse_uptime("WRENN_GUEST_READY"), None);
         assert_eq!(parse_uptime("WRENN_GUEST_READY uptime=-1"), None);
+    }
+
+    #[test]
+    fn test_parse_exit_ignores_kernel_text_on_the_same_line() {
+        assert_eq!(parse_exit("WRENN_EXIT=0"), Some(0));
+        assert_eq!(parse_exit("WRENN_EXIT=0sysrq: Resetting"), Some(0));
+        assert_eq!(parse_exit("WRENN_EXIT=127"), Some(127));
+        assert_eq!(parse_exit("WRENN_EXIT="), None);
+        assert_eq!(parse_exit("hello"), None);
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn script_output(outcome: &BootOutcome) -> Vec<String> {
         .lines()
         .skip_while(|l| !l.contains(rootfs::READY_MARKER))
         .skip(1)
-        .take_while(|l| !l.starts_with("WRENN_EXIT="))
+        .take_while(|l| !l.contains("WRENN_EXIT="))
         .map(str::to_owned)
         .collect()
 }
