@@ -1,0 +1,3 @@
+//! Emulated devices that are not virtio: the bus they sit on, the serial port, the i8042.
+
+pub mod bus;
