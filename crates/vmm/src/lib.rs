@@ -1,9 +1,17 @@
 //! Wrenn's microVM monitor on KVM.
 
 pub mod api;
+pub mod boot;
+pub mod builder;
+pub mod controller;
+pub mod cpuid;
 pub mod devices;
 pub mod layout;
+pub mod lifecycle;
 pub mod memory;
 pub mod mptable;
 pub mod probe;
+pub mod resources;
+pub mod vcpu;
 pub mod virtio;
+pub mod vm;

@@ -1,0 +1,309 @@
+//! Turning validated [`Resources`] into a running machine: memory, KVM VM, kernel, devices on
+//! their buses and interrupt lines, configured vCPUs.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::boot::{self, BootError};
+use crate::devices::bus::{Bus, BusDevice, BusError, lock};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{ConsoleRing, ConsoleSink, IrqLine, SerialDevice};
+use crate::layout::*;
+use crate::lifecycle::ExitNotifier;
+use crate::memory::{self, MemoryError};
+use crate::resources::{ConfigError, Resources};
+use crate::vcpu::{self, VcpuError, VcpuHandle};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::{VirtioDevice, block, net, rng, vsock};
+use crate::vm::{Vm, VmError};
+
+/// Offset of QueueNotify in a virtio-mmio register file.
+const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+/// An event-loop subscriber as the VMM thread holds it.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("serial output {path}: {source}")]
+    SerialOut {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("creating an event or interrupt fd: {0}")]
+    EventFd(std::io::Error),
+    #[error("drive {id}: {message}")]
+    Block { id: String, message: String },
+    #[error("network interface {id}: {message}")]
+    Net { id: String, message: String },
+    #[error("vsock: {0}")]
+    Vsock(String),
+    #[error("entropy device: {0}")]
+    Rng(std::io::Error),
+}
+
+/// A built VM whose vCPUs are configured but not yet running.
+pub struct Machine {
+    pub vm: Vm,
+    pub vcpu_fds: Vec<VcpuFd>,
+    pub vcpus: Vec<VcpuHandle>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub virtio: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    pub cmdline: String,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vcpus", &self.vcpus.len())
+            .field("virtio", &self.virtio.len())
+            .field("cmdline", &self.cmdline)
+            .finish()
+    }
+}
+
+struct VirtioSlots<'a> {
+    vm: &'a Vm,
+    mmio: &'a mut Bus,
+    next: u32,
+    cmdline: String,
+    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    subscribers: Vec<Subscriber>,
+}
+
+impl VirtioSlots<'_> {
+    /// Puts `device` in the next MMIO slot with the next interrupt line, wires its doorbells
+    /// and interrupt into KVM, and names it on the kernel command line.
+    fn attach<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<(), StartError> {
+        let slot = self.next;
+        let irq = VIRTIO_IRQ_FIRST + slot;
+        if irq > VIRTIO_IRQ_LAST {
+            return Err(ConfigError::TooManyDevices(VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1).into());
+        }
+        let addr = VIRTIO_MMIO_BASE + u64::from(slot) * VIRTIO_MMIO_SLOT;
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(device.clone(), self.vm.memory().clone())
+            .map_err(StartError::EventFd)?;
+        self.vm
+            .register_irqfd(transport.interrupt().irqfd(), irq)?;
+        for (queue, event) in lock(&device).queue_events().iter().enumerate() {
+            let queue = u32::try_from(queue).expect("a few queues");
+            self.vm
+                .register_mmio_doorbell(event, addr + QUEUE_NOTIFY_OFFSET, queue)?;
+        }
+        let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
+        self.mmio.insert(transport, addr, VIRTIO_MMIO_SLOT)?;
+        self.cmdline
+            .push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        self.subscribers.push(device.clone());
+        self.devices.push(device);
+        self.next += 1;
+        Ok(())
+    }
+}
+
+/// Opens where console output goes: a FIFO (opened read-write so that opening does not wait
+/// for a reader, and non-blocking so that a reader that stops reading loses lines instead of
+/// stalling the guest), a file (appended), or stdout.
+fn console_output(path: Option<&str>) -> Result<Box<dyn Write + Send>, StartError> {
+    let Some(path) = path else {
+        return Ok(Box::new(std::io::stdout()));
+    };
+    let err = |source| StartError::SerialOut {
+        path: path.to_owned(),
+        source,
+    };
+    let is_fifo = std::fs::metadata(path)
+        .map(|m| m.file_type().is_fifo())
+        .unwrap_or(false);
+    let file = if is_fifo {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+    } else {
+        OpenOptions::new().create(true).append(true).open(path)
+    }
+    .map_err(err)?;
+    Ok(Box::new(file))
+}
+
+/// Builds the machine. On error everything built so far is dropped (fds closed, memory
+/// unmapped, the vsock socket removed by its device).
+pub fn build(
+    resources: &Resources,
+    exits: &Arc<ExitNotifier>,
+    ring: &Arc<Mutex<ConsoleRing>>,
+) -> Result<(Machine, Vec<Subscriber>), StartError> {
+    let kernel_path = resources.kernel_path()?;
+    let mut cmdline = resources.base_cmdline()?;
+    let vcpu_count = resources.machine.vcpu_count;
+
+    let mem = memory::create(resources.machine.mem_size_mib)?;
+    let vm = Vm::new(mem.clone())?;
+    let (entry, setup_header) = boot::load_kernel(&mem, kernel_path)?;
+    let initrd = match resources
+        .boot_source
+        .as_ref()
+        .and_then(|b| b.initrd_path.as_deref())
+    {
+        Some(path) => Some(boot::load_initrd(&mem, std::path::Path::new(path))?),
+        None => None,
+    };
+
+    // Legacy devices on the port bus.
+    let mut pio = Bus::new();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let sink = ConsoleSink::new(
+        console_output(resources.serial.serial_out_path.as_deref())?,
+        ring.clone(),
+        exits.clone(),
+    );
+    let serial: Arc<Mutex<dyn BusDevice>> =
+        Arc::new(Mutex::new(SerialDevice::new(IrqLine(serial_irq), sink)));
+    pio.insert(serial, u64::from(SERIAL_PORT), u64::from(SERIAL_PORT_LEN))?;
+    let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(IrqLine(kbd_irq), exits.clone())));
+    pio.insert(
+        i8042.clone(),
+        u64::from(I8042_PORT),
+        u64::from(I8042_PORT_LEN),
+    )?;
+
+    // virtio devices: drives (root first), network interfaces, vsock, entropy.
+    let mut mmio = Bus::new();
+    let mut slots = VirtioSlots {
+        vm: &vm,
+        mmio: &mut mmio,
+        next: 0,
+        cmdline: String::new(),
+        devices: Vec::new(),
+        subscribers: Vec::new(),
+    };
+    for drive in &resources.drives {
+        let dev = block::Block::new(drive).map_err(|e| StartError::Block {
+            id: drive.drive_id.clone(),
+            message: e.to_string(),
+        })?;
+        slots.attach(dev)?;
+    }
+    for iface in &resources.nets {
+        let dev = net::Net::new(iface).map_err(|e| StartError::Net {
+            id: iface.iface_id.clone(),
+            message: e.to_string(),
+        })?;
+        slots.attach(dev)?;
+    }
+    if let Some(config) = &resources.vsock {
+        let dev = vsock::Vsock::new(config).map_err(|e| StartError::Vsock(e.to_string()))?;
+        slots.attach(dev)?;
+    }
+    if resources.entropy.is_some() {
+        slots.attach(rng::Rng::new().map_err(StartError::Rng)?)?;
+    }
+    let VirtioSlots {
+        cmdline: virtio_args,
+        devices: virtio,
+        subscribers,
+        ..
+    } = slots;
+    cmdline.push_str(&virtio_args);
+
+    boot::write_boot_structures(&mem, &cmdline, setup_header, initrd, vcpu_count)?;
+
+    let mut vcpu_fds = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let fd = vm.create_vcpu(index)?;
+        vcpu::configure(&fd, vm.supported_cpuid(), index, vcpu_count, entry)?;
+        vcpu_fds.push(fd);
+    }
+    Ok((
+        Machine {
+            vm,
+            vcpu_fds,
+            vcpus: Vec::new(),
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            i8042,
+            virtio,
+            cmdline,
+        },
+        subscribers,
+    ))
+}
+
+impl Machine {
+    /// Starts one thread per vCPU.
+    pub fn start_vcpus(&mut self, exits: &Arc<ExitNotifier>) -> Result<(), VcpuError> {
+        vcpu::install_kick_handler()?;
+        for (index, fd) in self.vcpu_fds.drain(..).enumerate() {
+            let index = u8::try_from(index).expect("at most 32 vCPUs");
+            self.vcpus.push(vcpu::spawn(
+                index,
+                fd,
+                self.pio.clone(),
+                self.mmio.clone(),
+                exits.clone(),
+            )?);
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        for v in &self.vcpus {
+            v.command(vcpu::VcpuCommand::Pause, std::time::Duration::from_secs(2))?;
+        }
+        Ok(())
+    }
+
+    /// Kicks every device first: buffers the guest posted while paused get looked at.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        for d in &self.virtio {
+            let d = lock(d);
+            if d.is_activated() {
+                d.kick();
+            }
+        }
+        for v in &self.vcpus {
+            v.command(vcpu::VcpuCommand::Resume, std::time::Duration::from_secs(2))?;
+        }
+        Ok(())
+    }
+
+    /// Stops and joins every vCPU thread (before the VM and its memory go away).
+    pub fn stop(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        self.vcpus.clear();
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
