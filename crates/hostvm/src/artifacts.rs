@@ -11,7 +11,8 @@
 //! /bin/busybox                  from busybox-static; init links the applets at boot
 //! /dev/console                  char 5:1, so that init has a console before devtmpfs
 //! /lib/modules/fs/NN-name.ko    virtio_mmio, 9pnet_virtio, 9p and dependencies, in load order
-//! /lib/modules/kvm/NN-name.ko   kvm, kvm_amd and dependencies not loaded before, in load order
+//! /lib/modules/kvm/NN-name.ko   kvm, kvm_amd, tun, veth, vhost_vsock and dependencies not loaded
+//!                               before, in load order
 //! /proc /sys /run /tmp /wrenn /mnt/host
 //! ```
 
@@ -41,8 +42,10 @@ pub const PACKAGES: &[&str] = &[
 ];
 /// Loaded first: what mounting the 9p shares needs.
 pub const FS_MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p"];
-/// Loaded once the per-run share is mounted (so that a failure can be reported through it).
-pub const KVM_MODULES: &[&str] = &["kvm", "kvm_amd"];
+/// Loaded once the per-run share is mounted (so that a failure can be reported through it):
+/// KVM, and what VMs on it use: taps and veth pairs for guest networking, vhost-vsock for QEMU
+/// guests that benchmarks compare against.
+pub const KVM_MODULES: &[&str] = &["kvm", "kvm_amd", "tun", "veth", "vhost_vsock"];
 /// The VM's PID 1.
 pub const INIT_SCRIPT: &str = include_str!("init.sh");
 

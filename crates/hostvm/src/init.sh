@@ -4,7 +4,7 @@
 # 1. load the virtio-mmio and 9p modules, mount the per-run share (tag wrennrun) at /wrenn;
 # 2. load kvm and kvm_amd, check /dev/kvm;
 # 3. mount the host's root read-only at /mnt/host with /dev, /proc, /sys, a fresh /run, the
-#    per-run /tmp and the writable shares (listed in /wrenn/spec.sh) at their host paths;
+#    a fresh tmpfs /tmp and the writable shares (listed in /wrenn/spec.sh) at their host paths;
 # 4. create /wrenn/ready, run the command of /wrenn/spec.sh chrooted there with stdout and stderr
 #    going to /wrenn/stdout and /wrenn/stderr, write its exit status to /wrenn/exit;
 # 5. reset the VM (QEMU runs with -no-reboot, so it exits).
@@ -62,7 +62,9 @@ mount -t tmpfs -o mode=755 tmpfs /mnt/host/run || fail "cannot mount /run"
 # The host's own /tmp stays reachable here, for keep() below.
 mkdir -p /hosttmp
 mount -o bind /mnt/host/tmp /hosttmp || fail "cannot bind the host's /tmp aside"
-mount -o bind /wrenn/tmp /mnt/host/tmp || fail "cannot bind /tmp"
+# A tmpfs, not a directory of the 9p share: 9p cannot hold unix sockets (bind fails with
+# ENXIO), and VMM tests and the agent keep their sockets under /tmp.
+mount -t tmpfs -o mode=1777 tmpfs /mnt/host/tmp || fail "cannot mount /tmp"
 
 # Called by spec.sh for each writable share, parents before children.
 share() {

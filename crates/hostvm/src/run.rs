@@ -10,7 +10,6 @@
 //!   console.log   the VM's serial console (kernel messages, init's progress and errors)
 //!   guest/        9p share `wrennrun`, mounted at /wrenn in the VM
 //!     spec.sh     the command (see spec.rs)
-//!     tmp/        the command's /tmp
 //!     ready       created by init just before the command starts
 //!     stdout      the command's stdout and stderr, streamed to the caller while they grow
 //!     stderr
@@ -20,7 +19,6 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -257,9 +255,8 @@ impl RunDir {
             _lock: lock,
             keep: false,
         };
-        let tmp = dir.guest("tmp");
-        fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(io(&tmp))?;
+        let guest = dir.guest("");
+        fs::create_dir_all(&guest).map_err(io(&guest))?;
         Ok(dir)
     }
 
@@ -678,7 +675,7 @@ mod tests {
         let cache = Cache::new(tmp.path());
         let ok = RunDir::create(&cache).unwrap();
         let ok_path = ok.path.clone();
-        assert!(ok.guest("tmp").is_dir());
+        assert!(ok.guest("").is_dir());
         drop(ok);
         assert!(!ok_path.exists());
         let mut failed = RunDir::create(&cache).unwrap();

@@ -184,7 +184,7 @@ impl CommandSpec {
 
 impl CommandSpec {
     /// Host paths the command needs (its cwd, an absolute program path) that lie under /tmp
-    /// outside every writable share: the per-run /tmp would hide them, so init keeps them
+    /// outside every writable share: the VM's own /tmp would hide them, so init keeps them
     /// visible, read-only. (A fresh clone under /tmp is a common place to run tests from.)
     fn hidden_by_tmp(&self, shares: &[(String, PathBuf)]) -> Vec<PathBuf> {
         let program = self.argv.first().map(Path::new).filter(|p| p.is_absolute());

@@ -165,9 +165,7 @@ pub fn write_boot_structures(
     vcpus: u8,
 ) -> Result<(), BootError> {
     if cmdline.len() >= CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong {
-            len: cmdline.len(),
-        });
+        return Err(BootError::CmdlineTooLong { len: cmdline.len() });
     }
     if cmdline.contains('\0') {
         return Err(BootError::CmdlineNul);
@@ -295,9 +293,13 @@ mod tests {
         assert_eq!({ params.hdr.cmd_line_ptr }, 0x20000);
         assert_eq!(params.e820_entries, 3);
         let last = params.e820_table[2];
-        assert_eq!(({ last.addr }, { last.size }), (HIMEM_START, (64 << 20) - HIMEM_START));
+        assert_eq!(
+            ({ last.addr }, { last.size }),
+            (HIMEM_START, (64 << 20) - HIMEM_START)
+        );
         let mut line = [0u8; 14];
-        mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR)).unwrap();
+        mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
+            .unwrap();
         assert_eq!(&line, b"console=ttyS0\0");
         let pd1: u64 = mem.read_obj(GuestAddress(PD_ADDR + 8)).unwrap();
         assert_eq!(pd1, (1 << 21) | 0x83);

@@ -104,8 +104,7 @@ impl VirtioSlots<'_> {
         let device = Arc::new(Mutex::new(device));
         let transport = MmioTransport::new(device.clone(), self.vm.memory().clone())
             .map_err(StartError::EventFd)?;
-        self.vm
-            .register_irqfd(transport.interrupt().irqfd(), irq)?;
+        self.vm.register_irqfd(transport.interrupt().irqfd(), irq)?;
         for (queue, event) in lock(&device).queue_events().iter().enumerate() {
             let queue = u32::try_from(queue).expect("a few queues");
             self.vm

@@ -24,7 +24,8 @@ use crate::resources::Resources;
 pub const APP_NAME: &str = "Wrenn";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
 const NOT_BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
 
@@ -175,20 +176,22 @@ impl Controller {
                 vmm_version: VERSION.into(),
                 app_name: APP_NAME.into(),
             }),
-            ApiRequest::GetVersion => ApiResponse::Json(json!({ "firecracker_version": VERSION, "wrenn_vmm_version": VERSION })),
+            ApiRequest::GetVersion => ApiResponse::Json(
+                json!({ "firecracker_version": VERSION, "wrenn_vmm_version": VERSION }),
+            ),
             ApiRequest::GetMachineConfig => json_of::<MachineConfig>(&self.resources.machine),
             ApiRequest::GetVmConfig => json_of(&self.resources.to_config()),
             ApiRequest::GetMetrics => ApiResponse::Json(self.metrics()),
             ApiRequest::GetSerial => ApiResponse::Bytes(lock(&self.ring).contents()),
-            ApiRequest::PutBootSource(b) => {
-                pre_boot(self, &|r| r.set_boot_source(b.clone()).map_err(|e| e.to_string()))
-            }
-            ApiRequest::PutMachineConfig(m) => {
-                pre_boot(self, &|r| r.set_machine(m.clone()).map_err(|e| e.to_string()))
-            }
-            ApiRequest::PatchMachineConfig(u) => {
-                pre_boot(self, &|r| r.update_machine(u.clone()).map_err(|e| e.to_string()))
-            }
+            ApiRequest::PutBootSource(b) => pre_boot(self, &|r| {
+                r.set_boot_source(b.clone()).map_err(|e| e.to_string())
+            }),
+            ApiRequest::PutMachineConfig(m) => pre_boot(self, &|r| {
+                r.set_machine(m.clone()).map_err(|e| e.to_string())
+            }),
+            ApiRequest::PatchMachineConfig(u) => pre_boot(self, &|r| {
+                r.update_machine(u.clone()).map_err(|e| e.to_string())
+            }),
             ApiRequest::PutDrive(d) => {
                 pre_boot(self, &|r| r.set_drive(d.clone()).map_err(|e| e.to_string()))
             }
@@ -198,9 +201,9 @@ impl Controller {
             ApiRequest::PutVsock(v) => {
                 pre_boot(self, &|r| r.set_vsock(v.clone()).map_err(|e| e.to_string()))
             }
-            ApiRequest::PutEntropy(e) => {
-                pre_boot(self, &|r| r.set_entropy(e.clone()).map_err(|e| e.to_string()))
-            }
+            ApiRequest::PutEntropy(e) => pre_boot(self, &|r| {
+                r.set_entropy(e.clone()).map_err(|e| e.to_string())
+            }),
             ApiRequest::PutSerial(s) => {
                 let response = pre_boot(self, &|r| {
                     r.serial = s.clone();
@@ -274,7 +277,9 @@ impl Controller {
 
     fn flush_metrics(&self) -> ApiResponse {
         let Some(config) = &self.resources.metrics else {
-            return ApiResponse::Fault("FlushMetrics: no metrics_path configured (PUT /metrics)".into());
+            return ApiResponse::Fault(
+                "FlushMetrics: no metrics_path configured (PUT /metrics)".into(),
+            );
         };
         let line = format!("{}\n", self.metrics());
         let written = std::fs::OpenOptions::new()

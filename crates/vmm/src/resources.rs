@@ -187,7 +187,9 @@ impl Resources {
     }
 
     fn device_count(&self) -> usize {
-        self.drives.len() + self.nets.len() + usize::from(self.vsock.is_some())
+        self.drives.len()
+            + self.nets.len()
+            + usize::from(self.vsock.is_some())
             + usize::from(self.entropy.is_some())
     }
 
@@ -225,17 +227,16 @@ impl Resources {
                 what: format!("drive {id}"),
             });
         }
-        if d.is_root_device {
-            if let Some(other) = self
+        if d.is_root_device
+            && let Some(other) = self
                 .drives
                 .iter()
                 .find(|o| o.is_root_device && o.drive_id != id)
-            {
-                return Err(ConfigError::SecondRoot {
-                    id,
-                    existing: other.drive_id.clone(),
-                });
-            }
+        {
+            return Err(ConfigError::SecondRoot {
+                id,
+                existing: other.drive_id.clone(),
+            });
         }
         match self.drives.iter().position(|o| o.drive_id == id) {
             Some(i) => self.drives[i] = d,

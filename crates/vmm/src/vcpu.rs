@@ -9,9 +9,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{
-    CpuId, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
-};
+use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -47,17 +45,17 @@ pub enum VcpuCommand {
 
 /// MSRs a 64-bit Linux entry expects to find in a sane state.
 const BOOT_MSRS: [(u32, u64); 11] = [
-    (0x174, 0),                 // IA32_SYSENTER_CS
-    (0x175, 0),                 // IA32_SYSENTER_ESP
-    (0x176, 0),                 // IA32_SYSENTER_EIP
-    (0xc000_0081, 0),           // STAR
-    (0xc000_0082, 0),           // LSTAR
-    (0xc000_0083, 0),           // CSTAR
-    (0xc000_0084, 0),           // SYSCALL_MASK
-    (0xc000_0102, 0),           // KERNEL_GS_BASE
-    (0x10, 0),                  // IA32_TSC
-    (0x1a0, 1),                 // IA32_MISC_ENABLE: fast strings
-    (0x2ff, (1 << 11) | 6),     // MTRRdefType: MTRRs on, default write-back
+    (0x174, 0),             // IA32_SYSENTER_CS
+    (0x175, 0),             // IA32_SYSENTER_ESP
+    (0x176, 0),             // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),       // STAR
+    (0xc000_0082, 0),       // LSTAR
+    (0xc000_0083, 0),       // CSTAR
+    (0xc000_0084, 0),       // SYSCALL_MASK
+    (0xc000_0102, 0),       // KERNEL_GS_BASE
+    (0x10, 0),              // IA32_TSC
+    (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+    (0x2ff, (1 << 11) | 6), // MTRRdefType: MTRRs on, default write-back
 ];
 
 const CR0_PE: u64 = 1;
@@ -81,7 +79,13 @@ pub fn configure(
     count: u8,
     entry: KernelEntry,
 ) -> Result<(), VcpuError> {
-    let err = |what| move |source| VcpuError::Configure { index, what, source };
+    let err = |what| {
+        move |source| VcpuError::Configure {
+            index,
+            what,
+            source,
+        }
+    };
     let mut cpuid = supported.clone();
     cpuid::apply_template(&mut cpuid, index, count);
     fd.set_cpuid2(&cpuid).map_err(err("CPUID"))?;

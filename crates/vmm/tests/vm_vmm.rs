@@ -37,7 +37,10 @@ fn test_guest_sees_configured_vcpus_and_memory() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{lines:?}"));
     // MemTotal is RAM minus what the kernel keeps for itself.
-    assert!((150 * 1024..=200 * 1024).contains(&kib), "MemTotal {kib} kB");
+    assert!(
+        (150 * 1024..=200 * 1024).contains(&kib),
+        "MemTotal {kib} kB"
+    );
 }
 
 #[test]
@@ -62,7 +65,12 @@ fn test_config_file_boots_without_api_calls() {
         .output()
         .unwrap();
     let text = std::fs::read_to_string(&console).unwrap_or_default();
-    assert!(out.status.success(), "{:?}\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (code, lines) = support::script_output(&text);
     assert_eq!((code, lines), (0, vec!["via-config".to_owned()]));
 }
@@ -82,7 +90,7 @@ fn test_drives_read_write_persists_and_read_only_refuses() {
     let ro = dir.path().join("ro.img");
     std::fs::write(&ro, vec![0xabu8; 1 << 20]).unwrap();
 
-    let write = "mount /dev/vdb /mnt && echo persisted > /mnt/f && sync && umount /mnt && echo mounted-rw\n\
+    let write = "mkdir -p /tmp/m && mount /dev/vdb /tmp/m && echo persisted > /tmp/m/f && sync && umount /tmp/m && echo mounted-rw\n\
                  cat /sys/block/vdc/ro\n\
                  if dd if=/dev/zero of=/dev/vdc bs=512 count=1 conv=fsync 2>/dev/null; then echo WROTE; else echo REFUSED; fi\n\
                  head -c 2 /dev/vdc | od -An -tx1\n";
@@ -96,7 +104,7 @@ fn test_drives_read_write_persists_and_read_only_refuses() {
     assert_eq!(lines, ["mounted-rw", "1", "REFUSED", "ab ab"]);
     assert!(std::fs::read(&ro).unwrap().iter().all(|&b| b == 0xab));
 
-    let read = "mount -o ro /dev/vdb /mnt && cat /mnt/f\n";
+    let read = "mkdir -p /tmp/m && mount -o ro /dev/vdb /tmp/m && cat /tmp/m/f\n";
     let mut vmm = test_image_vmm(1, 128, read, false);
     vmm.drive("data", &data, false, false);
     vmm.start_instance();
@@ -157,8 +165,25 @@ fn test_vsock_echo_in_both_directions() {
     let uds = vmm.path("v.sock");
     // Guest-initiated connections to port 6000 arrive here; the host answers in upper case.
     let listener = UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
     let host_side = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
+        let deadline = std::time::Instant::now() + GUEST_TIMEOUT;
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "guest never connected"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let mut buf = [0u8; 64];
         let n = conn.read(&mut buf).unwrap();
         conn.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
@@ -195,7 +220,9 @@ wait
     vmm.wait_console("VSOCK_LISTENING", GUEST_TIMEOUT);
 
     let mut stream = UnixStream::connect(&uds).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     stream.write_all(b"CONNECT 5000\n").unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut ok = String::new();
@@ -205,7 +232,9 @@ wait
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or_else(|| panic!("handshake answer {ok:?}"));
     assert!(port >= 1 << 30, "host port {port}");
-    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let payload: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
     let writer = {
         let mut s = stream.try_clone().unwrap();
         let p = payload.clone();
@@ -221,7 +250,10 @@ wait
     host_side.join().unwrap();
     let (code, lines) = vmm.script_result();
     assert_eq!(code, 0, "{lines:?}");
-    assert!(lines.contains(&"GUEST_GOT PING-FROM-GUEST".to_owned()), "{lines:?}");
+    assert!(
+        lines.contains(&"GUEST_GOT PING-FROM-GUEST".to_owned()),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -242,7 +274,10 @@ fn test_pause_resume_and_ctrl_alt_del() {
     let before = ticks(&vmm);
     std::thread::sleep(Duration::from_millis(1500));
     let after = ticks(&vmm);
-    assert!(after <= before + 1, "guest ran while paused: {before} -> {after}");
+    assert!(
+        after <= before + 1,
+        "guest ran while paused: {before} -> {after}"
+    );
 
     let (status, body) = vmm.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(status, 204, "{body}");
@@ -251,7 +286,11 @@ fn test_pause_resume_and_ctrl_alt_del() {
     let (_, info) = vmm.request("GET", "/", None);
     assert!(info.contains(r#""state":"Running""#), "{info}");
 
-    let (status, body) = vmm.request("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+    let (status, body) = vmm.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
     assert_eq!(status, 204, "{body}");
     let status = vmm.wait_exit(GUEST_TIMEOUT);
     assert!(status.success(), "{status}\n{}", vmm.log());
@@ -263,7 +302,10 @@ fn assert_fault(vmm: &Vmm, method: &str, path: &str, body: &str, needle: &str) {
     let json: serde_json::Value =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
     let message = json["fault_message"].as_str().unwrap_or_default();
-    assert!(message.contains(needle), "{method} {path}: {message:?} lacks {needle:?}");
+    assert!(
+        message.contains(needle),
+        "{method} {path}: {message:?} lacks {needle:?}"
+    );
 }
 
 #[test]
@@ -272,7 +314,13 @@ fn test_bad_requests_get_400_and_the_vmm_keeps_serving() {
         return;
     }
     let mut vmm = Vmm::start(None);
-    assert_fault(&vmm, "PUT", "/machine-config", "{\"vcpu_count\": 2,", "json");
+    assert_fault(
+        &vmm,
+        "PUT",
+        "/machine-config",
+        "{\"vcpu_count\": 2,",
+        "json",
+    );
     assert_fault(
         &vmm,
         "PUT",
@@ -287,7 +335,13 @@ fn test_bad_requests_get_400_and_the_vmm_keeps_serving() {
         r#"{"vcpu_count": 0, "mem_size_mib": 128}"#,
         "vcpu_count",
     );
-    assert_fault(&vmm, "PUT", "/boot-source", r#"{"boot_args": "x"}"#, "kernel_image_path");
+    assert_fault(
+        &vmm,
+        "PUT",
+        "/boot-source",
+        r#"{"boot_args": "x"}"#,
+        "kernel_image_path",
+    );
     assert_fault(
         &vmm,
         "PUT",
@@ -302,13 +356,31 @@ fn test_bad_requests_get_400_and_the_vmm_keeps_serving() {
         r#"{"drive_id": "data", "path_on_host": "/no/such/disk.img", "is_root_device": false}"#,
         "/no/such/disk.img",
     );
-    assert_fault(&vmm, "PATCH", "/vm", r#"{"state": "Paused"}"#, "before starting");
-    assert_fault(&vmm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, "boot source");
+    assert_fault(
+        &vmm,
+        "PATCH",
+        "/vm",
+        r#"{"state": "Paused"}"#,
+        "before starting",
+    );
+    assert_fault(
+        &vmm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+        "boot source",
+    );
 
     vmm.configure(1, 128, &boot_args("", true));
     vmm.drive("rootfs", &image(ImageKind::Test), true, true);
     vmm.start_instance();
-    assert_fault(&vmm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, "after starting");
+    assert_fault(
+        &vmm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+        "after starting",
+    );
     assert_fault(
         &vmm,
         "PUT",

@@ -121,10 +121,11 @@ impl I8042 {
             return;
         }
         self.status |= SB_OUT_FULL;
-        if self.control & CB_KBD_INT != 0 && self.control & CB_KBD_DISABLED == 0 {
-            if let Err(e) = self.irq.trigger() {
-                tracing::warn!(error = %e, "i8042 interrupt");
-            }
+        if self.control & CB_KBD_INT != 0
+            && self.control & CB_KBD_DISABLED == 0
+            && let Err(e) = self.irq.trigger()
+        {
+            tracing::warn!(error = %e, "i8042 interrupt");
         }
     }
 

@@ -83,7 +83,8 @@ impl ConsoleSink {
         let text = String::from_utf8_lossy(&self.line);
         if let Some(at) = text.find(PANIC_MARKER) {
             let reason = text[at + PANIC_MARKER.len()..].trim_end().to_owned();
-            self.exits.note_panic(format!("guest kernel panic: {reason}"));
+            self.exits
+                .note_panic(format!("guest kernel panic: {reason}"));
         }
         // A closed FIFO or full disk must not stop the guest: drop the line.
         let _ = self.out.write_all(&self.line);
@@ -161,10 +162,10 @@ impl BusDevice for SerialDevice {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
-            if let Err(e) = self.uart.write(offset, *byte) {
-                tracing::debug!(error = ?e, "serial write");
-            }
+        if let (Ok(offset), [byte]) = (u8::try_from(offset), data)
+            && let Err(e) = self.uart.write(offset, *byte)
+        {
+            tracing::debug!(error = ?e, "serial write");
         }
     }
 }

@@ -191,7 +191,11 @@ impl Vmm {
     pub fn script_result(&mut self) -> (i32, Vec<String>) {
         let status = self.wait_exit(GUEST_TIMEOUT);
         let console = self.console_text();
-        assert!(status.success(), "VMM exit {status}\nconsole:\n{console}\nlog:\n{}", self.log());
+        assert!(
+            status.success(),
+            "VMM exit {status}\nconsole:\n{console}\nlog:\n{}",
+            self.log()
+        );
         script_output(&console)
     }
 }
@@ -260,7 +264,10 @@ pub struct NetNs(pub String);
 impl NetNs {
     pub fn new(tag: &str) -> NetNs {
         let name = format!("wrenn-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         run(&["ip", "netns", "add", &name]);
         NetNs(name)
     }
