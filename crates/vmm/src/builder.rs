@@ -205,19 +205,20 @@ pub fn build(
     for drive in &resources.drives {
         let dev = block::Block::new(drive).map_err(|e| StartError::Block {
             id: drive.drive_id.clone(),
-            message: e.to_string(),
+            message: crate::diag::error_chain(&e),
         })?;
         slots.attach(dev)?;
     }
     for iface in &resources.nets {
         let dev = net::Net::new(iface).map_err(|e| StartError::Net {
             id: iface.iface_id.clone(),
-            message: e.to_string(),
+            message: crate::diag::error_chain(&e),
         })?;
         slots.attach(dev)?;
     }
     if let Some(config) = &resources.vsock {
-        let dev = vsock::Vsock::new(config).map_err(|e| StartError::Vsock(e.to_string()))?;
+        let dev = vsock::Vsock::new(config)
+            .map_err(|e| StartError::Vsock(crate::diag::error_chain(&e)))?;
         slots.attach(dev)?;
     }
     if resources.entropy.is_some() {

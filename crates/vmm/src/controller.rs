@@ -121,8 +121,8 @@ impl Controller {
             return Err(NOT_AFTER_START.into());
         }
         self.boot_started = Some(Instant::now());
-        let (machine, subscribers) =
-            builder::build(&self.resources, &self.exits, &self.ring).map_err(|e| e.to_string())?;
+        let (machine, subscribers) = builder::build(&self.resources, &self.exits, &self.ring)
+            .map_err(|e| crate::diag::error_chain(&e))?;
         tracing::info!(
             vm_id = %self.id,
             vcpus = self.resources.machine.vcpu_count,

@@ -6,6 +6,7 @@ pub mod builder;
 pub mod controller;
 pub mod cpuid;
 pub mod devices;
+pub mod diag;
 pub mod jail;
 pub mod layout;
 pub mod lifecycle;

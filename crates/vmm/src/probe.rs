@@ -9,6 +9,7 @@
 //! instruction at a time (measured 400-1100 ns per loop iteration there against ~0.3 ns on
 //! hardware and ~4 ns nested under QEMU TCG).
 
+use crate::diag::error_chain;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -150,17 +151,6 @@ pub fn assess() -> KvmVerdict {
             reason: error_chain(&e),
         },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 /// A one-vCPU VM with 1 MiB of memory at guest address 0.

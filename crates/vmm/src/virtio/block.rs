@@ -54,12 +54,13 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::mmio::{LogLimiter, serve_queue};
+use super::queue::serve_queue;
 use super::{
     ActivateError, Activation, Interrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice,
 };
 use crate::api::models::{CacheType, Drive, IoEngine};
+use crate::diag::LogLimiter;
 use crate::memory::GuestMemory;
 
 /// Size of the one request queue.
@@ -285,7 +286,7 @@ impl Disk {
             Err(e) => {
                 if self.log_limit.allow() {
                     if e.is_host_side() {
-                        error!("virtio-blk: {}", super::mmio::error_chain(&e));
+                        error!("virtio-blk: {}", crate::diag::error_chain(&e));
                     } else {
                         debug!("virtio-blk: {e}");
                     }

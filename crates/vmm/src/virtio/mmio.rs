@@ -39,10 +39,7 @@
 //! 32-bit registers take only 4-byte accesses; other widths read as zero and write nothing.
 
 use std::io;
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use virtio_queue::{Queue, QueueT};
@@ -53,6 +50,7 @@ use super::{
     ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
 use crate::devices::bus::{BusDevice, lock};
+use crate::diag::{LogLimiter, error_chain};
 use crate::memory::GuestMemory;
 
 /// "virt" read as a little-endian u32.
@@ -206,143 +204,6 @@ fn set_half(register: &mut u64, high: bool, value: u32) {
     } else {
         (*register & !0xffff_ffff) | value
     };
-}
-
-/// Lets through a burst of log lines per time window, so a guest that pokes at registers or
-/// posts garbage cannot flood the VMM's log. What it holds back is counted and reported once
-/// the next window opens.
-#[derive(Debug, Default)]
-pub(crate) struct LogLimiter {
-    window_start: Option<Instant>,
-    in_window: u32,
-    held_back: u64,
-}
-
-impl LogLimiter {
-    const WINDOW: Duration = Duration::from_secs(5);
-    const BURST: u32 = 10;
-
-    /// Whether the caller may log now.
-    pub(crate) fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let window_open = self
-            .window_start
-            .is_some_and(|start| now.duration_since(start) < Self::WINDOW);
-        if !window_open {
-            if self.held_back > 0 {
-                warn!(
-                    count = self.held_back,
-                    "held back guest-triggered log lines"
-                );
-            }
-            self.window_start = Some(now);
-            self.in_window = 0;
-            self.held_back = 0;
-        }
-        if self.in_window < Self::BURST {
-            self.in_window += 1;
-            true
-        } else {
-            self.held_back += 1;
-            false
-        }
-    }
-}
-
-/// Rounds of "drain the ring, re-enable notifications, look again" one call of
-/// [`serve_queue`] makes before it yields the event loop to other devices.
-const MAX_SERVE_ROUNDS: u32 = 4;
-
-/// Device side of a split queue, shared by the devices in this crate: completes every chain
-/// the driver has made available with `handle` (which returns the number of bytes it wrote
-/// into the chain), then interrupts the guest at most once, and only if the driver wants to be
-/// told (with EVENT_IDX, `needs_notification` honours the driver's used_event).
-///
-/// Notifications are off while draining and re-enabled before the last look, so a buffer
-/// posted in between is never missed: if one shows up at that last look, the ring is drained
-/// again. A guest that keeps the ring busy gets [`MAX_SERVE_ROUNDS`] rounds of at most a ring's
-/// worth of chains each; then `queue_event`
-/// is written so the loop comes back after the other devices had their turn. An avail index
-/// that runs ahead of the ring is reported and the queue left alone until the next
-/// notification.
-pub(crate) fn serve_queue<F>(
-    queue: &mut Queue,
-    mem: &GuestMemory,
-    interrupt: &Interrupt,
-    queue_event: &EventFd,
-    log_limit: &mut LogLimiter,
-    mut handle: F,
-) where
-    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
-{
-    let mut completed = 0usize;
-    let mut rounds = 0;
-    loop {
-        rounds += 1;
-        if let Err(e) = queue.disable_notification(mem)
-            && log_limit.allow()
-        {
-            warn!("cannot disable queue notifications: {e}");
-        }
-        // At most a ring's worth per round: a driver on another vCPU can repost as fast as
-        // we complete.
-        for _ in 0..queue.size() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let written = handle(chain);
-            if let Err(e) = queue.add_used(mem, head, written) {
-                if log_limit.allow() {
-                    warn!(head, "cannot complete a descriptor chain: {e}");
-                }
-                continue;
-            }
-            completed += 1;
-        }
-        match queue.enable_notification(mem) {
-            Ok(false) => break,
-            Ok(true) if avail_index_overruns(queue, mem) => {
-                if log_limit.allow() {
-                    warn!(
-                        next_avail = queue.next_avail(),
-                        "available ring index is invalid; queue left alone"
-                    );
-                }
-                break;
-            }
-            Ok(true) if rounds < MAX_SERVE_ROUNDS => {}
-            Ok(true) => {
-                if let Err(e) = queue_event.write(1) {
-                    warn!("cannot requeue a busy queue: {e}");
-                }
-                break;
-            }
-            Err(e) => {
-                if log_limit.allow() {
-                    warn!("cannot enable queue notifications: {e}");
-                }
-                break;
-            }
-        }
-    }
-    if completed == 0 {
-        return;
-    }
-    // When in doubt, interrupt: a spurious interrupt costs an exit, a missing one hangs I/O.
-    let wanted = queue.needs_notification(mem).unwrap_or(true);
-    if wanted && let Err(e) = interrupt.signal_used_queue() {
-        warn!("cannot interrupt the guest: {e}");
-    }
-}
-
-/// Whether the driver claims more available entries than the ring holds (or the index cannot
-/// be read): then nothing can be popped, and looking again will not change that.
-fn avail_index_overruns(queue: &Queue, mem: &GuestMemory) -> bool {
-    match queue.avail_idx(mem, Ordering::Acquire) {
-        Ok(idx) => (idx - Wrapping(queue.next_avail())).0 > queue.size(),
-        Err(_) => true,
-    }
 }
 
 /// The virtio-mmio register file of one device. It sits on the MMIO bus; vCPU threads call it.
@@ -708,18 +569,6 @@ fn feature_bank(features: u64, sel: u32) -> u32 {
     u32::try_from(bank & 0xffff_ffff).unwrap_or(0)
 }
 
-/// "error: cause: cause" on one line, for a log.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
@@ -766,6 +615,7 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::queue::{MAX_SERVE_ROUNDS, serve_queue};
 
     use event_manager::{EventOps, Events, MutEventSubscriber};
     use proptest::prelude::*;

@@ -23,6 +23,7 @@ use crate::memory::GuestMemory;
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod queue;
 pub mod rng;
 pub mod vsock;
 

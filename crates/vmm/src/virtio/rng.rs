@@ -21,11 +21,12 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::mmio::{LogLimiter, serve_queue};
+use super::queue::serve_queue;
 use super::{
     ActivateError, Activation, Interrupt, TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice,
 };
+use crate::diag::LogLimiter;
 use crate::memory::GuestMemory;
 
 /// Size of the one request queue.

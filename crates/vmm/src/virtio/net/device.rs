@@ -1,10 +1,10 @@
 //! The device itself: features, configuration space, activation, and the TX and RX paths.
 
+use crate::diag::{LogLimiter, error_chain};
 use std::collections::VecDeque;
 use std::num::Wrapping;
 use std::sync::Arc;
 use std::sync::atomic::{Ordering, fence};
-use std::time::{Duration, Instant};
 use std::{fmt, io};
 
 use virtio_bindings::virtio_net::{
@@ -100,7 +100,7 @@ pub struct Net {
     rx_spans: Vec<HostSpan>,
     used_scratch: Vec<(u16, u32)>,
     counters: NetCounters,
-    guest_log: LogThrottle,
+    guest_log: LogLimiter,
 }
 
 impl fmt::Debug for Net {
@@ -216,7 +216,7 @@ impl Net {
             rx_spans: Vec::new(),
             used_scratch: Vec::new(),
             counters: NetCounters::default(),
-            guest_log: LogThrottle::default(),
+            guest_log: LogLimiter::default(),
         })
     }
 
@@ -573,10 +573,9 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is read-only for a modern driver; nothing else here is writable.
-        if let Some(skipped) = self.guest_log.check() {
+        if self.guest_log.allow() {
             tracing::warn!(
                 net = %self.id,
-                skipped,
                 offset,
                 len = data.len(),
                 "ignoring a write to the read-only configuration space"
@@ -935,45 +934,8 @@ fn copy_to_spans<'a>(
     Ok(())
 }
 
-/// Renders an error with its sources, for places that only take a string.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
-}
-
-fn warn_guest(throttle: &mut LogThrottle, id: &str, message: fmt::Arguments<'_>) {
-    if let Some(skipped) = throttle.check() {
-        tracing::warn!(net = %id, skipped, "{message}");
-    }
-}
-
-/// Lets through at most one message a second; anything a guest can trigger goes through it.
-#[derive(Debug, Default)]
-pub(super) struct LogThrottle {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogThrottle {
-    const INTERVAL: Duration = Duration::from_secs(1);
-
-    /// `Some(messages suppressed since the last one)` when a message may go out now.
-    pub fn check(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|last| now.duration_since(last) < Self::INTERVAL)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
+fn warn_guest(limit: &mut LogLimiter, id: &str, message: fmt::Arguments<'_>) {
+    if limit.allow() {
+        tracing::warn!(net = %id, "{message}");
     }
 }

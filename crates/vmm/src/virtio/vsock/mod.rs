@@ -32,6 +32,7 @@ mod packet;
 #[cfg(test)]
 mod tests;
 
+use crate::diag::LogLimiter;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -103,32 +104,4 @@ pub enum VsockError {
     NotASocket { path: PathBuf },
     #[error("cannot create the device's eventfds and timer")]
     Fd(#[source] io::Error),
-}
-
-/// Limits warnings a guest can trigger to a few per second.
-#[derive(Debug)]
-struct LogLimiter {
-    window: std::time::Instant,
-    count: u32,
-}
-
-impl LogLimiter {
-    const PER_SECOND: u32 = 10;
-
-    fn new() -> Self {
-        Self {
-            window: std::time::Instant::now(),
-            count: 0,
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        if now.duration_since(self.window) >= Duration::from_secs(1) {
-            self.window = now;
-            self.count = 0;
-        }
-        self.count = self.count.saturating_add(1);
-        self.count <= Self::PER_SECOND
-    }
 }
