@@ -257,7 +257,11 @@ pub fn build(
 
 impl Machine {
     /// Starts one thread per vCPU.
-    pub fn start_vcpus(&mut self, exits: &Arc<ExitNotifier>) -> Result<(), VcpuError> {
+    pub fn start_vcpus(
+        &mut self,
+        exits: &Arc<ExitNotifier>,
+        seccomp: Option<crate::seccomp::DenyAction>,
+    ) -> Result<(), VcpuError> {
         vcpu::install_kick_handler()?;
         for (index, fd) in self.vcpu_fds.drain(..).enumerate() {
             let index = u8::try_from(index).expect("at most 32 vCPUs");
@@ -267,6 +271,7 @@ impl Machine {
                 self.pio.clone(),
                 self.mmio.clone(),
                 exits.clone(),
+                seccomp,
             )?);
         }
         Ok(())

@@ -29,6 +29,21 @@ const NOT_AFTER_START: &str =
 const NOT_BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
 
+/// How the VMM confines itself once the VM is built (see CONFINEMENT.md).
+#[derive(Debug, Clone, Default)]
+pub struct Confinement {
+    /// Seccomp filters per thread kind, with this action for a denied call; `None` is off.
+    pub seccomp: Option<crate::seccomp::DenyAction>,
+    /// A private mount namespace whose root holds only the kept paths.
+    pub new_root: bool,
+    /// Limits, no_new_privs and non-dumpable (on unless the VMM runs unconfined).
+    pub enabled: bool,
+    /// Paths reachable by name afterwards besides those the VM's config implies (the vsock
+    /// socket's directory, the metrics file): e.g. the API socket's directory.
+    pub keep: Vec<crate::jail::KeptPath>,
+    pub drop_to: Option<crate::jail::Credentials>,
+}
+
 #[derive(Debug, Default, serde::Serialize)]
 struct Counters {
     api_requests: u64,
@@ -50,6 +65,7 @@ pub struct Controller {
     pending_subscribers: Vec<Subscriber>,
     exit: Option<VmExit>,
     counters: Counters,
+    confinement: Confinement,
     created: Instant,
     boot_started: Option<Instant>,
 }
@@ -67,6 +83,7 @@ impl Controller {
     pub fn new(
         id: String,
         api: Option<(mpsc::Receiver<ApiMessage>, EventFd)>,
+        confinement: Confinement,
     ) -> std::io::Result<Self> {
         let (exits, exit_rx) = ExitNotifier::new()?;
         Ok(Self {
@@ -82,6 +99,7 @@ impl Controller {
             pending_subscribers: Vec::new(),
             exit: None,
             counters: Counters::default(),
+            confinement,
             created: Instant::now(),
             boot_started: None,
         })
@@ -124,7 +142,6 @@ impl Controller {
         let (machine, subscribers) = builder::build(&self.resources, &self.exits, &self.ring)
             .map_err(|e| crate::diag::error_chain(&e))?;
         tracing::info!(
-            vm_id = %self.id,
             vcpus = self.resources.machine.vcpu_count,
             mem_mib = self.resources.machine.mem_size_mib,
             cmdline = %machine.cmdline,
@@ -135,17 +152,81 @@ impl Controller {
         Ok(())
     }
 
-    /// After the loop registered the new device subscribers: run the vCPUs.
+    /// After the loop registered the new device subscribers: confine the process, run the
+    /// vCPUs (born confined), then filter this thread. Once, at the first call with a VM.
     fn start_vcpus(&mut self) {
-        let Some(machine) = &mut self.machine else {
+        let needs_start = self
+            .machine
+            .as_ref()
+            .is_some_and(|m| m.vcpus.is_empty() && !m.vcpu_fds.is_empty());
+        if !needs_start {
             return;
+        }
+        if let Err(e) = self.confine_and_start() {
+            self.exit = Some(VmExit::Error(e));
+        }
+    }
+
+    fn confine_and_start(&mut self) -> Result<(), String> {
+        if self.confinement.enabled {
+            let plan = self.jail_plan()?;
+            crate::jail::confine(&plan).map_err(|e| crate::diag::error_chain(&e))?;
+        }
+        let seccomp = self.confinement.seccomp;
+        if let Some(machine) = &mut self.machine {
+            machine
+                .start_vcpus(&self.exits, seccomp)
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(action) = seccomp {
+            crate::seccomp::apply_with(crate::seccomp::ThreadKind::Vmm, action)
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::info!(
+            seccomp = ?seccomp,
+            jail = self.confinement.enabled && self.confinement.new_root,
+            "vCPUs running"
+        );
+        Ok(())
+    }
+
+    /// The jail for this VM: what it still opens by name, and a file-size limit that covers
+    /// its largest drive.
+    fn jail_plan(&self) -> Result<crate::jail::JailPlan, String> {
+        use crate::jail::{Access, JailPlan, ResourceLimits, file_size_limit};
+        let mut plan = JailPlan {
+            new_root: self.confinement.new_root,
+            keep: self.confinement.keep.clone(),
+            drop_to: self.confinement.drop_to,
+            limits: ResourceLimits {
+                file_size: Some(file_size_limit(self.resources.drives.iter().filter_map(
+                    |d| {
+                        let path = d.path_on_host.as_deref()?;
+                        std::fs::metadata(path).ok().map(|m| m.len())
+                    },
+                ))),
+                ..ResourceLimits::default()
+            },
+            ..JailPlan::default()
         };
-        if !machine.vcpus.is_empty() {
-            return;
+        // Guest-initiated vsock connections dial `<uds_path>_<port>` by name.
+        if let Some(dir) = self.resources.vsock.as_ref().and_then(|v| {
+            std::path::Path::new(&v.uds_path)
+                .parent()
+                .map(ToOwned::to_owned)
+        }) {
+            plan = plan.keep(dir, Access::ReadWrite);
         }
-        if let Err(e) = machine.start_vcpus(&self.exits) {
-            self.exit = Some(VmExit::Error(e.to_string()));
+        // FlushMetrics appends to this file: it must exist to be kept.
+        if let Some(metrics) = &self.resources.metrics {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics.metrics_path)
+                .map_err(|e| format!("metrics file {}: {e}", metrics.metrics_path))?;
+            plan = plan.keep(&metrics.metrics_path, Access::ReadWrite);
         }
+        Ok(plan)
     }
 
     fn handle(&mut self, request: ApiRequest) -> ApiResponse {
@@ -153,7 +234,7 @@ impl Controller {
         let response = self.dispatch(request);
         if let ApiResponse::Fault(message) = &response {
             self.counters.api_faults += 1;
-            tracing::info!(vm_id = %self.id, %message, "API request refused");
+            tracing::info!(%message, "API request refused");
         }
         response
     }
@@ -252,7 +333,7 @@ impl Controller {
         };
         match result {
             Ok(()) => {
-                tracing::info!(vm_id = %self.id, state = self.state(), "VM state changed");
+                tracing::info!(state = self.state(), "VM state changed");
                 ApiResponse::NoContent
             }
             Err(e) => ApiResponse::Fault(e.to_string()),
@@ -272,6 +353,19 @@ impl Controller {
                 "virtio_devices": self.machine.as_ref().map_or(0, |m| m.virtio.len()),
             },
             "api": &self.counters,
+            "devices": self.machine.as_ref().map_or_else(Vec::new, |m| {
+                m.virtio
+                    .iter()
+                    .map(|d| {
+                        let d = lock(d);
+                        json!({
+                            "type": crate::virtio::type_name(d.device_type()),
+                            "activated": d.is_activated(),
+                            "counters": d.metrics(),
+                        })
+                    })
+                    .collect()
+            }),
         })
     }
 
@@ -347,13 +441,13 @@ impl MutEventSubscriber for Controller {
             TOKEN_EXIT => {
                 let _ = self.exits.event().read();
                 if let Ok(exit) = self.exit_rx.try_recv() {
-                    tracing::info!(vm_id = %self.id, ?exit, "guest ended");
+                    tracing::info!(?exit, "guest ended");
                     self.exit.get_or_insert(exit);
                 }
             }
             TOKEN_STOP => {
                 let _ = self.stop.read();
-                tracing::info!(vm_id = %self.id, "asked to stop");
+                tracing::info!("asked to stop");
                 self.exit.get_or_insert(VmExit::Shutdown);
             }
             _ => {}

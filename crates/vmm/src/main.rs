@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use wrenn_vmm::api::models::VmmConfig;
-use wrenn_vmm::controller::{self, Controller};
+use wrenn_vmm::controller::{self, Confinement, Controller};
 
 #[derive(Debug, Parser)]
 #[command(name = "wrenn-vmm", version, about = "Wrenn's KVM microVM monitor")]
@@ -24,6 +24,22 @@ struct Args {
     /// Instance id reported by `GET /` and on every log line.
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
+    /// Do not install the per-thread seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// What a system call outside a thread's filter gets: kill (the process), trap (EPERM and
+    /// a line on stderr) or log (allowed, logged by the kernel).
+    #[arg(long, default_value = "kill")]
+    seccomp_action: wrenn_vmm::seccomp::DenyAction,
+    /// Keep the host's filesystem view (no private mount namespace); limits and
+    /// no-new-privileges still apply. Needed when not running as root.
+    #[arg(long)]
+    no_jail: bool,
+    /// Switch to this uid (and --gid) once the VM is built.
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -66,12 +82,13 @@ fn bind_api(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Every log line of this process, from every thread, names the VM.
+    let span = tracing::info_span!("vm", vm_id = %args.id);
+    let _span = span.enter();
     if args.api_sock.is_none() && args.config_file.is_none() {
         bail!("give --api-sock PATH, --config-file FILE, or both");
     }
-    // Writing to a console FIFO or a socket whose reader left must be an error, not a signal.
-    // SAFETY: setting SIGPIPE's disposition to ignore is always sound.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    wrenn_vmm::lifecycle::ignore_sigpipe();
 
     let config = match &args.config_file {
         Some(path) => {
@@ -84,26 +101,50 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
+    let is_root = wrenn_vmm::lifecycle::is_root();
+    if !args.no_jail && !is_root {
+        bail!("the jail needs root (a private mount namespace); run as root or pass --no-jail");
+    }
+    let seccomp = (!args.no_seccomp).then_some(args.seccomp_action);
+    let mut confinement = Confinement {
+        seccomp,
+        new_root: !args.no_jail,
+        enabled: true,
+        keep: Vec::new(),
+        drop_to: args
+            .uid
+            .zip(args.gid)
+            .map(|(uid, gid)| wrenn_vmm::jail::Credentials { uid, gid }),
+    };
+
     let mut _socket_file = None;
     let api = match &args.api_sock {
         Some(path) => {
             let listener = bind_api(path)?;
             _socket_file = Some(SocketFile(path.clone()));
+            // Removing the socket at exit needs its directory inside the jail.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                confinement.keep.push(wrenn_vmm::jail::KeptPath {
+                    path: dir.to_owned(),
+                    access: wrenn_vmm::jail::Access::ReadWrite,
+                });
+            }
             let (tx, rx) = mpsc::channel();
             let wake = EventFd::new(EFD_NONBLOCK)?;
-            wrenn_vmm::api::server::spawn(listener, tx, wake.try_clone()?)
+            let config = wrenn_vmm::api::server::ServerConfig {
+                seccomp,
+                ..Default::default()
+            };
+            wrenn_vmm::api::server::spawn_with_config(listener, tx, wake.try_clone()?, config)
                 .context("starting the API thread")?;
             Some((rx, wake))
         }
         None => None,
     };
 
-    let controller = Controller::new(args.id.clone(), api)?;
-    let stop = controller.stop_event()?;
-    ctrlc::set_handler(move || {
-        let _ = stop.write(1);
-    })
-    .context("installing the SIGTERM/SIGINT handler")?;
+    let controller = Controller::new(args.id.clone(), api, confinement)?;
+    wrenn_vmm::lifecycle::stop_on_signals(controller.stop_event()?)
+        .map_err(|e| anyhow::anyhow!("installing the SIGTERM/SIGINT handler: {e}"))?;
     let controller = Arc::new(Mutex::new(controller));
     if let Some(config) = &config {
         let mut c = controller
@@ -115,10 +156,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let exit = controller::run(controller)?;
     match &exit {
         wrenn_vmm::lifecycle::VmExit::Reset | wrenn_vmm::lifecycle::VmExit::Shutdown => {
-            tracing::info!(vm_id = %args.id, ?exit, "VMM exiting");
+            tracing::info!(?exit, "VMM exiting");
         }
         other => {
-            tracing::error!(vm_id = %args.id, exit = ?other, "VMM exiting");
+            tracing::error!(exit = ?other, "VMM exiting");
             eprintln!("wrenn-vmm: {}", describe(other));
         }
     }

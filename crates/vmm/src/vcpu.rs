@@ -211,12 +211,21 @@ pub fn spawn(
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exits: Arc<ExitNotifier>,
+    seccomp: Option<crate::seccomp::DenyAction>,
 ) -> Result<VcpuHandle, VcpuError> {
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (ack_tx, ack_rx) = mpsc::channel();
+    let span = tracing::Span::current();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
+            let _span = span.enter();
+            if let Some(action) = seccomp
+                && let Err(e) = crate::seccomp::apply_with(crate::seccomp::ThreadKind::Vcpu, action)
+            {
+                exits.report(VmExit::Error(format!("vCPU {index}: {e}")));
+                return;
+            }
             let runner = Runner {
                 index,
                 pio,

@@ -265,6 +265,7 @@ fn test_pause_resume_and_ctrl_alt_del() {
     let mut vmm = test_image_vmm(2, 128, script, true);
     vmm.start_instance();
     vmm.wait_console("tick 5", GUEST_TIMEOUT);
+    assert_confined(&vmm);
     let ticks = |vmm: &Vmm| vmm.console_text().matches("tick ").count();
 
     let (status, body) = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
@@ -294,6 +295,35 @@ fn test_pause_resume_and_ctrl_alt_del() {
     assert_eq!(status, 204, "{body}");
     let status = vmm.wait_exit(GUEST_TIMEOUT);
     assert!(status.success(), "{status}\n{}", vmm.log());
+}
+
+/// Every thread of a running VMM is under a seccomp filter, and the process sees its jail,
+/// not the host's files.
+fn assert_confined(vmm: &Vmm) {
+    let proc_dir = format!("/proc/{}", vmm.child.id());
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("{proc_dir}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .map(str::to_owned)
+        };
+        assert_eq!(field("Seccomp:").as_deref(), Some("2"), "{status}");
+        assert_eq!(field("NoNewPrivs:").as_deref(), Some("1"), "{status}");
+        threads += 1;
+    }
+    assert!(
+        threads >= 4,
+        "main, API and two vCPU threads; saw {threads}"
+    );
+    assert!(std::path::Path::new("/etc/passwd").exists());
+    assert!(
+        !std::path::Path::new(&format!("{proc_dir}/root/etc/passwd")).exists(),
+        "the VMM can see the host's /etc"
+    );
 }
 
 fn assert_fault(vmm: &Vmm, method: &str, path: &str, body: &str, needle: &str) {

@@ -33,6 +33,17 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 
+/// A device type's name, for metrics and logs.
+pub fn type_name(device_type: u32) -> &'static str {
+    match device_type {
+        TYPE_NET => "net",
+        TYPE_BLOCK => "block",
+        TYPE_RNG => "rng",
+        TYPE_VSOCK => "vsock",
+        _ => "unknown",
+    }
+}
+
 /// Feature bit every modern (non-legacy) device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Feature bits of the ring layout that our queue implementation supports.
@@ -139,6 +150,10 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn is_activated(&self) -> bool;
     /// The driver wrote 0 to Status: forget the queues and the acked features.
     fn reset(&mut self);
+    /// Counters for `GET /metrics` (null when the device keeps none).
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// Makes the device look at its queues again, as if the guest had notified every one
     /// (after a resume, buffers may have been posted while the device was not looking).
     fn kick(&self) {

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// Connections served at once (Firecracker allows 10).
     pub max_connections: usize,
+    /// Install the API seccomp filter on the acceptor thread (connection threads inherit it).
+    pub seccomp: Option<crate::seccomp::DenyAction>,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +59,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_connections: 10,
+            seccomp: None,
         }
     }
 }
@@ -98,9 +101,22 @@ pub fn spawn_with_config(
         to_vmm,
         wake: Arc::new(wake_vmm),
     };
+    // Log lines from API threads carry the caller's span (the VM's id).
+    let span = tracing::Span::current();
     thread::Builder::new()
         .name("wrenn-api".into())
-        .spawn(move || accept_loop(&listener, &vmm, config))
+        .spawn(move || {
+            let _span = span.enter();
+            if let Some(action) = config.seccomp
+                && let Err(e) = crate::seccomp::apply_with(crate::seccomp::ThreadKind::Api, action)
+            {
+                // An API thread that cannot be confined must not serve; the VMM cannot run
+                // without it.
+                tracing::error!("API thread: {e}");
+                std::process::exit(1);
+            }
+            accept_loop(&listener, &vmm, config);
+        })
 }
 
 /// Routes and decodes one framed request: the pure half of request handling.
@@ -183,9 +199,11 @@ fn accept_loop(listener: &UnixListener, vmm: &VmmLink, config: ServerConfig) {
             id,
         };
         let vmm = vmm.clone();
+        let span = tracing::Span::current();
         let spawned = thread::Builder::new()
             .name("wrenn-api-conn".into())
             .spawn(move || {
+                let _span = span.enter();
                 let mut connection = Connection {
                     stream,
                     buffered: Vec::new(),

@@ -539,6 +539,10 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
 
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::to_value(Net::metrics(self)).unwrap_or_default()
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE, QUEUE_SIZE]
     }
