@@ -1,5 +1,6 @@
 //! The guest kernel: Debian's `linux-source-6.1` with the checked-in microVM config fragment
-//! (`guest/kernel/microvm.config`), built as an uncompressed ELF `vmlinux` (PVH entry).
+//! (`guest/kernel/microvm.config`), built as an uncompressed ELF `vmlinux` (PVH note, 64-bit
+//! entry) and as a `bzImage` (the same kernel, compressed).
 //!
 //! The fragment is applied with `allnoconfig` + `KCONFIG_ALLCONFIG`, completed with
 //! `olddefconfig`, and then checked line by line: an option Kconfig silently dropped (an unmet
@@ -23,7 +24,7 @@ use crate::progress::Step;
 pub const CONFIG_FRAGMENT: &str = include_str!("../../../guest/kernel/microvm.config");
 
 /// Bumped when the build steps change in a way that changes the result.
-pub const RECIPE_VERSION: &str = "1";
+pub const RECIPE_VERSION: &str = "2";
 
 /// Cache kind of kernel entries.
 pub const CACHE_KIND: &str = "kernel";
@@ -101,8 +102,8 @@ pub fn find(cache: &Cache) -> Result<Entry, KernelError> {
     Ok(cache.get(CACHE_KIND, &cache_key(&source_version()?))?)
 }
 
-/// Returns the cached kernel, building it first if needed. The entry holds `vmlinux` and
-/// `config`; its notes record the source version and kernel release.
+/// Returns the cached kernel, building it first if needed. The entry holds `vmlinux`,
+/// `bzImage` and `config`; its notes record the source version and kernel release.
 pub fn build(cache: &Cache) -> Result<Entry, KernelError> {
     packages::ensure(BUILD_PACKAGES)?;
     let version = source_version()?;
@@ -162,10 +163,12 @@ fn build_into(
     }
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let step = Step::start(format!("building guest kernel (make -j{jobs} vmlinux)"));
+    let step = Step::start(format!(
+        "building guest kernel (make -j{jobs} vmlinux bzImage)"
+    ));
     let mut compiled = 0u32;
     command::run_streamed(
-        &mut make(&[&format!("-j{jobs}"), "vmlinux"]),
+        &mut make(&[&format!("-j{jobs}"), "vmlinux", "bzImage"]),
         &work.join("build.log"),
         |line| {
             let line = line.trim_start();
@@ -180,6 +183,9 @@ fn build_into(
         .to_owned();
     let vmlinux = tree.join("vmlinux");
     fs::copy(&vmlinux, staging.join("vmlinux")).map_err(io_err(&vmlinux))?;
+    // The same kernel compressed, for VMMs and tests that boot the bzImage format.
+    let bzimage = tree.join("arch/x86/boot/bzImage");
+    fs::copy(&bzimage, staging.join("bzImage")).map_err(io_err(&bzimage))?;
     fs::write(staging.join("config"), &config).map_err(io_err(staging))?;
     let size = fs::metadata(staging.join("vmlinux")).map_or(0, |m| m.len());
     step.finish(&format!(

@@ -76,6 +76,26 @@ fn test_config_file_boots_without_api_calls() {
 }
 
 #[test]
+fn test_bzimage_boots_to_the_marker() {
+    if !probe::usable_for_test("test_bzimage_boots_to_the_marker") {
+        return;
+    }
+    let mut vmm = Vmm::start(None);
+    let boot = serde_json::json!({
+        "kernel_image_path": support::bzimage(),
+        "boot_args": boot_args("uname -r", false),
+    });
+    vmm.put_ok("/boot-source", &boot.to_string());
+    let serial = serde_json::json!({ "serial_out_path": vmm.console });
+    vmm.put_ok("/serial", &serial.to_string());
+    vmm.drive("rootfs", &image(ImageKind::Test), true, true);
+    vmm.start_instance();
+    let (code, lines) = vmm.script_result();
+    assert_eq!(code, 0, "{lines:?}");
+    assert!(lines[0].starts_with("6.1"), "{lines:?}");
+}
+
+#[test]
 fn test_drives_read_write_persists_and_read_only_refuses() {
     if !probe::usable_for_test("test_drives_read_write_persists_and_read_only_refuses") {
         return;

@@ -25,6 +25,11 @@ pub fn kernel() -> PathBuf {
         .file("vmlinux")
 }
 
+/// The same kernel as a bzImage.
+pub fn bzimage() -> PathBuf {
+    kernel().with_file_name("bzImage")
+}
+
 pub fn image(kind: ImageKind) -> PathBuf {
     let cache = Cache::from_env();
     rootfs::find(&cache, kind)
