@@ -312,3 +312,45 @@ impl Drop for Machine {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_console_to_a_fifo_without_reader_never_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("console");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let mut out = console_output(Some(fifo.to_str().unwrap())).unwrap();
+        // Far more than a pipe holds: writes beyond its capacity fail instead of blocking.
+        let chunk = [b'x'; 4096];
+        let mut refused = false;
+        for _ in 0..64 {
+            if out.write_all(&chunk).is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(
+            refused,
+            "a full FIFO must refuse writes, not block the guest"
+        );
+    }
+
+    #[test]
+    fn test_console_to_a_file_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "before\n").unwrap();
+        let mut out = console_output(Some(path.to_str().unwrap())).unwrap();
+        out.write_all(b"after\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "before\nafter\n");
+        let err = console_output(Some("/no/such/dir/console")).err().unwrap();
+        assert!(err.to_string().contains("/no/such/dir/console"), "{err}");
+    }
+}

@@ -283,6 +283,11 @@ fn test_pause_resume_and_ctrl_alt_del() {
     }
     let script = "(i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done) &\n";
     let mut vmm = test_image_vmm(2, 128, script, true);
+    let metrics_path = vmm.path("metrics.json");
+    vmm.put_ok(
+        "/metrics",
+        &serde_json::json!({ "metrics_path": metrics_path }).to_string(),
+    );
     vmm.start_instance();
     vmm.wait_console("tick 5", GUEST_TIMEOUT);
     assert_confined(&vmm);
@@ -306,6 +311,26 @@ fn test_pause_resume_and_ctrl_alt_del() {
     vmm.wait_console(&next, GUEST_TIMEOUT);
     let (_, info) = vmm.request("GET", "/", None);
     assert!(info.contains(r#""state":"Running""#), "{info}");
+    // The console ring holds what the guest printed, whatever the console's sink.
+    let (status, ring) = vmm.request("GET", "/serial", None);
+    assert_eq!(status, 200);
+    assert!(ring.contains(&next), "ring lacks {next:?}");
+    // Metrics: counters as JSON on demand, and a line per FlushMetrics in the file.
+    let (status, body) = vmm.request("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let metrics: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(metrics["api"]["pauses"], 1, "{metrics}");
+    assert_eq!(metrics["vmm"]["state"], "Running", "{metrics}");
+    assert_eq!(metrics["devices"][0]["type"], "block", "{metrics}");
+    let (status, body) = vmm.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(status, 204, "{body}");
+    let flushed = std::fs::read_to_string(&metrics_path).unwrap();
+    let line: serde_json::Value = serde_json::from_str(flushed.trim()).unwrap();
+    assert_eq!(line["api"]["resumes"], 1, "{line}");
 
     let (status, body) = vmm.request(
         "PUT",
