@@ -721,15 +721,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let Some(available) = self.config.get(start..) else {
-            return;
-        };
-        let n = available.len().min(data.len());
-        data[..n].copy_from_slice(&available[..n]);
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     /// Nothing in our config space is writable (no VIRTIO_BLK_F_CONFIG_WCE).
@@ -787,6 +779,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::testing::{USED_RING, desc, device_queue, used, used_idx};
 
     use std::io::Write;
     use std::os::unix::fs::FileExt;
@@ -858,35 +851,6 @@ mod tests {
                 rate_limiter: None,
             }
         }
-    }
-
-    /// MockSplitQueue puts its used ring over the tail of its avail ring (it measures the avail
-    /// ring in entries rather than bytes), so used entries would overwrite avail entries and
-    /// used_event. The device's queue gets a used ring of its own here.
-    const USED_RING: u64 = 0x4000;
-
-    fn device_queue(vq: &MockSplitQueue<GuestMemory>) -> Queue {
-        let mut queue: Queue = vq.create_queue().unwrap();
-        queue
-            .try_set_used_ring_address(GuestAddress(USED_RING))
-            .unwrap();
-        queue
-    }
-
-    fn used_idx(mem: &GuestMemory) -> u16 {
-        mem.read_obj(GuestAddress(USED_RING + 2)).unwrap()
-    }
-
-    /// (id, len) of used entry `i`.
-    fn used(mem: &GuestMemory, i: usize) -> (u32, u32) {
-        let at = USED_RING + 4 + 8 * u64::try_from(i).unwrap();
-        let id = mem.read_obj(GuestAddress(at)).unwrap();
-        let len = mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (id, len)
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
     }
 
     fn active_block(

@@ -25,6 +25,8 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vsock;
 
 /// Device ids (virtio 1.2 §5).
@@ -32,6 +34,16 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
+
+/// Reads `data` from a device's config space at `offset`: bytes beyond the space read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(available) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) else {
+        return;
+    };
+    let n = available.len().min(data.len());
+    data[..n].copy_from_slice(&available[..n]);
+}
 
 /// A device type's name, for metrics and logs.
 pub fn type_name(device_type: u32) -> &'static str {

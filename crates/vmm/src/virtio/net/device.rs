@@ -564,15 +564,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_LEN {
-            return;
-        }
-        let end = start.saturating_add(data.len()).min(CONFIG_LEN);
-        data[..end - start].copy_from_slice(&self.config_space[start..end]);
+        crate::virtio::read_config_bytes(&self.config_space[..CONFIG_LEN], offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
