@@ -25,7 +25,9 @@ fn test_guest_sees_configured_vcpus_and_memory() {
     if !probe::usable_for_test("test_guest_sees_configured_vcpus_and_memory") {
         return;
     }
-    let script = "grep -c ^processor /proc/cpuinfo\ngrep MemTotal /proc/meminfo\n";
+    let script = "grep -c ^processor /proc/cpuinfo\ngrep MemTotal /proc/meminfo\n\
+                  cat /sys/devices/system/clocksource/clocksource0/current_clocksource\n\
+                  grep -c hypervisor /proc/cpuinfo\n";
     let mut vmm = test_image_vmm(3, 200, script, false);
     vmm.start_instance();
     let (code, lines) = vmm.script_result();
@@ -41,6 +43,9 @@ fn test_guest_sees_configured_vcpus_and_memory() {
         (150 * 1024..=200 * 1024).contains(&kib),
         "MemTotal {kib} kB"
     );
+    // The CPUID template: KVM's paravirtual clock, and the hypervisor bit on every vCPU.
+    assert_eq!(lines[2].trim(), "kvm-clock", "{lines:?}");
+    assert_eq!(lines[3].trim(), "3", "{lines:?}");
 }
 
 #[test]
