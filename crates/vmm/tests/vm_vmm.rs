@@ -482,6 +482,19 @@ fn test_bad_requests_get_400_and_the_vmm_keeps_serving() {
 }
 
 #[test]
+fn test_guest_poweroff_ends_vmm_with_zero() {
+    if !probe::usable_for_test("test_guest_poweroff_ends_vmm_with_zero") {
+        return;
+    }
+    // No ACPI: the kernel halts after "reboot: Power down"; the VMM sees it on the console.
+    let mut vmm = test_image_vmm(1, 128, "sync; poweroff -f", true);
+    vmm.start_instance();
+    let status = vmm.wait_exit(GUEST_TIMEOUT);
+    assert!(status.success(), "{status}\n{}", vmm.log());
+    assert!(vmm.log().contains("Shutdown"), "{}", vmm.log());
+}
+
+#[test]
 fn test_guest_panic_ends_vmm_non_zero_with_reason() {
     if !probe::usable_for_test("test_guest_panic_ends_vmm_non_zero_with_reason") {
         return;

@@ -20,6 +20,10 @@ pub const DEFAULT_RING_BYTES: usize = 64 * 1024;
 /// A line longer than this is written out in pieces.
 const MAX_LINE: usize = 4096;
 const PANIC_MARKER: &str = "Kernel panic - not syncing: ";
+/// What Linux prints as its last words on `poweroff` and `halt`. Without ACPI there is no
+/// power-off device: the kernel then halts its CPUs inside KVM, so the console is how the VMM
+/// learns the guest is done. (A guest printing this itself only ends its own VM.)
+const POWER_OFF_MARKERS: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
 
 /// The last bytes the guest wrote to its console.
 #[derive(Debug, Default)]
@@ -85,6 +89,8 @@ impl ConsoleSink {
             let reason = text[at + PANIC_MARKER.len()..].trim_end().to_owned();
             self.exits
                 .note_panic(format!("guest kernel panic: {reason}"));
+        } else if POWER_OFF_MARKERS.iter().any(|m| text.contains(m)) {
+            self.exits.report(crate::lifecycle::VmExit::Shutdown);
         }
         // A closed FIFO or full disk must not stop the guest: drop the line.
         let _ = self.out.write_all(&self.line);
@@ -220,6 +226,14 @@ mod tests {
             rx.recv().unwrap(),
             crate::lifecycle::VmExit::GuestPanic("guest kernel panic: VFS: no root".into())
         );
+        // A power-off after a panic is still the panic.
+        for b in b"reboot: Power down\n" {
+            dev.write(0, &[*b]);
+        }
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(crate::lifecycle::VmExit::GuestPanic(_))
+        ));
         // Line status register: transmitter empty.
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
