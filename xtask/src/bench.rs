@@ -2,6 +2,8 @@
 //! lines and ends with one `RESULT <name> ...` line: median, p99 and the ratio against the
 //! baseline measured in the same run (these machines are noisy; compare within one run).
 //!
+//! `vmm`: wrenn-vmm against QEMU microvm on the same kernel and images (see `bench_vmm.rs`).
+//!
 //! `guest`: the foundation's baselines: kernel and image build times and sizes (as recorded
 //! when they were built, or rebuilt now with `--rebuild`), the host VM's boot to a running
 //! command, and our guest's boot to its ready marker under QEMU microvm on the host VM's KVM,
@@ -21,11 +23,11 @@ use wrenn_image::guest;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmark to run: `guest`.
+    /// Benchmark to run: `guest` or `vmm`.
     name: String,
-    /// Samples per measurement.
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
+    /// Samples per measurement (default: 5 for `guest`, 10 for `vmm`).
+    #[arg(long)]
+    runs: Option<usize>,
     /// Rebuild the kernel and images first, so their build times are measured now.
     #[arg(long)]
     rebuild: bool,
@@ -36,13 +38,20 @@ pub struct Args {
 
 pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
     match args.name.as_str() {
-        "guest" if args.inner => guest_boot_samples(cache, args.runs, Accel::Kvm),
+        "guest" if args.inner => guest_boot_samples(cache, guest_runs(&args), Accel::Kvm),
         "guest" => bench_guest(cache, &args),
-        other => bail!("unknown benchmark {other:?}; available: guest"),
+        "vmm" if args.inner => crate::bench_vmm::inner(cache, args.runs),
+        "vmm" => crate::bench_vmm::outer(cache, args.runs),
+        other => bail!("unknown benchmark {other:?}; available: guest, vmm"),
     }
 }
 
+fn guest_runs(args: &Args) -> usize {
+    args.runs.unwrap_or(5)
+}
+
 fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
+    let runs = guest_runs(args);
     let built = guest::build(cache, &[], args.rebuild)?;
     wrenn_image::packages::ensure(wrenn_image::qemu::PACKAGES)?;
     let (Some(k), Some(test), Some(base)) = (&built.kernel, &built.test, &built.base) else {
@@ -73,7 +82,7 @@ fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
     }
 
     // Baseline: the same guest under software emulation, directly on this machine.
-    let (tcg, tcg_uptime) = boot_samples(cache, args.runs, Accel::Tcg)?;
+    let (tcg, tcg_uptime) = boot_samples(cache, runs, Accel::Tcg)?;
     print_stats("guest", "tcg_boot_to_marker", &tcg);
     print_stats("guest", "tcg_guest_uptime_at_marker", &tcg_uptime);
 
@@ -81,7 +90,7 @@ fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
     let mut hostvm_ready = Vec::new();
     let mut kvm = Vec::new();
     let mut kvm_uptime = Vec::new();
-    for i in 0..args.runs {
+    for i in 0..runs {
         let started = Instant::now();
         if i == 0 {
             let mut capture = SampleCapture::default();
@@ -92,7 +101,7 @@ fn bench_guest(cache: &Cache, args: &Args) -> Result<ExitCode> {
                 "guest".into(),
                 "--inner".into(),
                 "--runs".into(),
-                args.runs.to_string().into(),
+                runs.to_string().into(),
             ];
             let code = crate::hostvm::run_argv(cache, &argv, &[], &mut capture)?;
             if code != 0 {

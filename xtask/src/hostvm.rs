@@ -71,7 +71,7 @@ fn workspace_root() -> PathBuf {
         .map_or_else(|| ".".into(), Path::to_owned)
 }
 
-fn spec(cache: &Cache, argv: &[OsString], env: &[(&str, &str)]) -> CommandSpec {
+pub(crate) fn spec(cache: &Cache, argv: &[OsString], env: &[(&str, &str)]) -> CommandSpec {
     let mut spec = CommandSpec::new(argv.iter().cloned())
         .writable(workspace_root())
         .with_cache(cache);
