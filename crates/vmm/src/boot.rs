@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn test_boot_structures_land_where_the_kernel_looks() {
-        let mem = crate::memory::create(64).unwrap();
+        let mem = crate::memory::create(64, false).unwrap();
         write_boot_structures(&mem, "console=ttyS0", None, None, 2).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         assert_eq!({ params.hdr.boot_flag }, BOOT_FLAG_MAGIC);
@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn test_overlong_cmdline_is_refused() {
-        let mem = crate::memory::create(64).unwrap();
+        let mem = crate::memory::create(64, false).unwrap();
         let long = "x".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(
             write_boot_structures(&mem, &long, None, None, 1),
@@ -317,7 +317,7 @@ mod tests {
 
     #[test]
     fn test_garbage_kernel_is_refused_with_both_reasons() {
-        let mem = crate::memory::create(64).unwrap();
+        let mem = crate::memory::create(64, false).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         std::fs::write(&path, b"not a kernel at all").unwrap();

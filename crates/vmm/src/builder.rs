@@ -159,7 +159,10 @@ pub fn build(
     let mut cmdline = resources.base_cmdline()?;
     let vcpu_count = resources.machine.vcpu_count;
 
-    let mem = memory::create(resources.machine.mem_size_mib)?;
+    let mem = memory::create(
+        resources.machine.mem_size_mib,
+        resources.machine.huge_pages == crate::api::models::HugePages::Transparent,
+    )?;
     let vm = Vm::new(mem.clone())?;
     let (entry, setup_header) = boot::load_kernel(&mem, kernel_path)?;
     let initrd = match resources

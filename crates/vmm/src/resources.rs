@@ -20,7 +20,7 @@ pub enum ConfigError {
     SmtOddVcpus(u8),
     #[error("mem_size_mib must be between {MIN_MEM_MIB} and {MAX_MEM_MIB}, not {0}")]
     MemSize(u64),
-    #[error("huge_pages {0:?} is not supported; use None")]
+    #[error("huge_pages {0:?} (hugetlbfs) is not supported; use None or Transparent")]
     HugePages(HugePages),
     #[error("cpu_template {0:?} is not supported; Wrenn has one CPUID template (use None)")]
     CpuTemplate(String),
@@ -153,7 +153,7 @@ impl Resources {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&m.mem_size_mib) {
             return Err(ConfigError::MemSize(m.mem_size_mib));
         }
-        if m.huge_pages != HugePages::None {
+        if m.huge_pages == HugePages::Size2M {
             return Err(ConfigError::HugePages(m.huge_pages));
         }
         if let Some(t) = m.cpu_template.as_deref().filter(|t| *t != "None") {
