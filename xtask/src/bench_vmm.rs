@@ -55,7 +55,7 @@ const SETTLE: Duration = Duration::from_secs(2);
 /// Nested guests are slow; a boot that takes this long is broken.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The whole inner run (host VM boot included).
-const HOSTVM_TIMEOUT: Duration = Duration::from_secs(25 * 60);
+const HOSTVM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const API_TIMEOUT: Duration = Duration::from_secs(20);
 const GUEST_CID: u32 = 3;
 const ECHO_PORT: u32 = 5000;

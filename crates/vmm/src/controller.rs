@@ -142,6 +142,7 @@ impl Controller {
         let (machine, subscribers) = builder::build(&self.resources, &self.exits, &self.ring)
             .map_err(|e| crate::diag::error_chain(&e))?;
         tracing::info!(
+            since_start_ms = self.created.elapsed().as_millis(),
             vcpus = self.resources.machine.vcpu_count,
             mem_mib = self.resources.machine.mem_size_mib,
             cmdline = %machine.cmdline,
@@ -183,6 +184,7 @@ impl Controller {
                 .map_err(|e| e.to_string())?;
         }
         tracing::info!(
+            since_start_ms = self.created.elapsed().as_millis(),
             seccomp = ?seccomp,
             jail = self.confinement.enabled && self.confinement.new_root,
             "vCPUs running"
