@@ -1,9 +1,9 @@
 //! `cargo xtask bench vmm`: wrenn-vmm against QEMU microvm, side by side in one host VM run.
 //!
 //! The outer process (here) builds wrenn-vmm in release mode, makes sure the guest kernel and
-//! images exist, fetches the host VM kernel's vhost-vsock modules (QEMU's vsock needs them; the
-//! host VM's initramfs loads only 9p and kvm), then re-runs itself with `--inner` where a usable
-//! KVM exists: inside the host VM with one vCPU, so that its clock is the TSC. The inner process
+//! images exist, then re-runs itself with `--inner` where a usable KVM exists: inside the host
+//! VM with one vCPU, so that its clock is the TSC (the host VM loads vhost_vsock, which QEMU's
+//! vsock needs). The inner process
 //! prints `SAMPLE <monitor> <metric> <value>` lines (and `#` comments, passed through); the outer
 //! one turns them into `BENCH vmm ...` lines and one `RESULT vmm ...` line.
 //!
@@ -14,19 +14,23 @@
 //! between the two monitors (and which goes first) after one unmeasured warm-up boot each.
 //!
 //! 1. boot: spawning the monitor to `WRENN_GUEST_READY` on the console (wrenn-vmm from
-//!    `--config-file`, so neither needs API calls); the guest's uptime at the marker, and the
-//!    difference (the monitor's own start-up, up to the kernel's first instruction).
+//!    `--config-file`, so neither needs API calls); guest_uptime: the guest's own uptime at the
+//!    marker; startup: the difference, i.e. the monitor's start-up plus the guest's earliest
+//!    boot before its clock runs. exec: `--version` to exit, the process-start floor of each.
 //! 2. api_ready: spawning `wrenn-vmm --api-sock` until `GET /` answers 200; api_boot: the same
 //!    VM booted through the API (spawn, four requests, marker).
 //! 3. overhead: 2 s after the marker, the monitor process's Rss from /proc/PID/smaps minus the
-//!    Rss of the guest-RAM mapping (the anonymous mapping of exactly the guest's size).
+//!    Rss of the guest-RAM mapping (see [`Memory::parse`]); overhead_private counts only
+//!    private pages (shared libraries' shared pages left out).
 //! 4. vsock (base image, python3 echo/sink/source servers in the guest): round trips of 64 bytes
 //!    through `CONNECT <port>` (wrenn-vmm) or AF_VSOCK (QEMU vhost-vsock), and 64 MiB each way.
 //! 5. block (same boots): `dd` with O_DIRECT, bs=1M, over a 256 MiB data drive backed by a file
 //!    on the host VM's tmpfs, through the host page cache in both monitors (wrenn-vmm
 //!    `cache_type: Writeback`, QEMU `cache=writeback,aio=threads`).
+//!
+//! `WRENN_BENCH_VMM=/path/to/wrenn-vmm` measures that binary instead of a fresh release build.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -38,8 +42,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use wrenn_hostvm::{Placement, RunOptions};
-use wrenn_image::cache::{Cache, key_of};
+use wrenn_hostvm::RunOptions;
+use wrenn_image::cache::Cache;
 use wrenn_image::qemu::{Accel, Boot};
 use wrenn_image::rootfs::{self, ImageKind, READY_MARKER};
 use wrenn_image::{guest, kernel};
@@ -72,11 +76,6 @@ const MICROVM_CMDLINE: &str = " pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// Outer -> inner: the wrenn-vmm binary to measure.
 const VMM_ENV: &str = "WRENN_BENCH_VMM";
-/// Outer -> inner: a directory of `NN-name.ko` files that make /dev/vhost-vsock.
-const MODULES_ENV: &str = "WRENN_BENCH_VSOCK_MODULES";
-/// Cache kind of the vhost-vsock modules of the host VM's kernel.
-const MODULES_KIND: &str = "bench-vsock-modules";
-const MODULES_RECIPE: &str = "bench vsock modules v1";
 
 /// Guest side of the I/O rounds (base image, run by wrenn-init): find the drive whose serial is
 /// `data`, write it and read it back with O_DIRECT, then serve vsock: 5000 echoes, 5001 takes
@@ -171,14 +170,7 @@ pub fn outer(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
     println!("# wrenn-vmm: {}", vmm.display());
 
     let placement = wrenn_hostvm::decide()?.placement;
-    let mut env: Vec<(&str, String)> = vec![(VMM_ENV, path_string(&vmm)?)];
-    if placement == Placement::HostVm {
-        match vsock_modules(cache) {
-            Ok(dir) => env.push((MODULES_ENV, path_string(&dir)?)),
-            Err(e) => println!("# cannot prepare vhost_vsock for the host VM: {e:#}"),
-        }
-    }
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let vmm_path = path_string(&vmm)?;
     let argv: Vec<OsString> = vec![
         std::env::current_exe()?.into_os_string(),
         "bench".into(),
@@ -189,7 +181,7 @@ pub fn outer(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
     ];
     // One vCPU: the host VM's clock is then the TSC (with more it is 4 ms jiffies).
     let options = RunOptions::new(placement).with_overrides(Some(1), None, Some(HOSTVM_TIMEOUT));
-    let spec = crate::hostvm::spec(cache, &argv, &env_refs);
+    let spec = crate::hostvm::spec(cache, &argv, &[(VMM_ENV, vmm_path.as_str())]);
     let mut capture = SampleCapture::default();
     let code = wrenn_hostvm::run(&spec, &options, cache, &mut capture, &mut std::io::stderr())?;
     capture.finish();
@@ -234,91 +226,6 @@ fn build_vmm() -> Result<PathBuf> {
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "wrenn-vmm")
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .context("cargo build named no wrenn-vmm executable")
-}
-
-/// The vhost-vsock modules (and what they need beyond the initramfs' modules) of the host VM's
-/// kernel, cut out of its Debian package once and kept in the cache.
-fn vsock_modules(cache: &Cache) -> Result<PathBuf> {
-    let artifacts = wrenn_hostvm::artifacts::ensure(cache)?;
-    let notes = &artifacts.entry.manifest.notes;
-    let package = notes
-        .get("kernel_package")
-        .context("the host VM's manifest names no kernel package")?
-        .clone();
-    let (name, version) = package
-        .split_once(' ')
-        .with_context(|| format!("kernel package {package:?} is not `name version`"))?;
-    let mut loaded: BTreeSet<String> = ["modules_fs", "modules_kvm"]
-        .iter()
-        .filter_map(|k| notes.get(*k))
-        .flat_map(|v| v.split_whitespace().map(str::to_owned))
-        .collect();
-    let loaded_list = loaded.iter().cloned().collect::<Vec<_>>().join(",");
-    let key = key_of(&[
-        MODULES_RECIPE.as_bytes(),
-        package.as_bytes(),
-        loaded_list.as_bytes(),
-    ]);
-    let entry = cache.get_or_build(MODULES_KIND, &key, |staging| -> Result<_> {
-        eprintln!("==> fetching vhost_vsock for the host VM kernel ({package}, once)");
-        let work = staging.join(".build");
-        let result = (|| -> Result<BTreeMap<String, String>> {
-            fs::create_dir_all(&work)?;
-            let spec = format!("{name}={version}");
-            let status = Command::new("apt-get")
-                .args(["download", "-q", &spec])
-                .current_dir(&work)
-                .stdout(Stdio::null())
-                .status()
-                .context("running apt-get download")?;
-            ensure!(
-                status.success(),
-                "apt-get download {spec} failed ({status})"
-            );
-            let deb = fs::read_dir(&work)?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| p.extension().is_some_and(|e| e == "deb"))
-                .context("apt-get download left no .deb")?;
-            let root = work.join("root");
-            let status = Command::new("dpkg")
-                .arg("-x")
-                .arg(&deb)
-                .arg(&root)
-                .status()
-                .context("running dpkg -x")?;
-            ensure!(
-                status.success(),
-                "dpkg -x {} failed ({status})",
-                deb.display()
-            );
-            let modules_root = root.join("lib/modules");
-            let dir = fs::read_dir(&modules_root)
-                .with_context(|| format!("reading {}", modules_root.display()))?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| p.is_dir())
-                .with_context(|| format!("{} is empty", modules_root.display()))?;
-            let tree = wrenn_hostvm::modules::ModuleTree::open(&dir)?;
-            let order = tree.load_order(&["vhost_vsock"], &mut loaded)?;
-            for (i, module) in order.iter().enumerate() {
-                let data = fs::read(&module.path)
-                    .with_context(|| format!("reading {}", module.path.display()))?;
-                let out = staging.join(format!("{i:02}-{}.ko", module.name));
-                fs::write(&out, wrenn_hostvm::modules::strip_signature(&data))
-                    .with_context(|| format!("writing {}", out.display()))?;
-            }
-            let names: Vec<&str> = order.iter().map(|m| m.name.as_str()).collect();
-            Ok(BTreeMap::from([
-                ("kernel_package".to_owned(), package.clone()),
-                ("modules".to_owned(), names.join(" ")),
-            ]))
-        })();
-        // The unpacked package is ~400 MB: never leave it in the cache.
-        let _ = fs::remove_dir_all(&work);
-        result
-    })?;
-    Ok(entry.dir)
 }
 
 /// Collects the inner run's SAMPLE lines, passing everything else through.
@@ -423,12 +330,14 @@ const METRICS: &[Metric] = &[
     metric("boot", "ms", true),
     metric("guest_uptime", "ms", true),
     metric("startup", "ms", true),
+    metric("exec", "ms", true),
     metric("api_ready", "ms", true),
     metric("api_boot", "ms", true),
     metric("rss_total", "MiB", false),
     metric("rss_guest_ram", "MiB", false),
     metric("overhead", "MiB", false),
     metric("overhead_private", "MiB", false),
+    // Per I/O round, the median and p99 of its round trips; printed: medians over rounds.
     metric("vsock_rtt", "us", false),
     metric("vsock_rtt_p99", "us", false),
     metric("vsock_h2g", "MiB/s", false),
@@ -496,7 +405,7 @@ fn report(samples: &BTreeMap<(Monitor, String), Vec<f64>>) -> Result<()> {
         format_value(qemu_overhead.median, "MiB"),
         format_value(overhead.median / qemu_overhead.median, "x"),
     );
-    for key in ["guest_uptime", "api_ready", "api_boot"] {
+    for key in ["guest_uptime", "startup", "exec", "api_ready", "api_boot"] {
         for monitor in Monitor::BOTH {
             if let Some(s) = stats(monitor, key) {
                 result.push_str(&format!(
@@ -507,17 +416,19 @@ fn report(samples: &BTreeMap<(Monitor, String), Vec<f64>>) -> Result<()> {
             }
         }
     }
-    for (key, unit) in [
-        ("vsock_rtt", "us"),
-        ("vsock_h2g", "MiB/s"),
-        ("vsock_g2h", "MiB/s"),
-        ("blk_read", "MiB/s"),
-        ("blk_write", "MiB/s"),
+    // Per I/O round: the round's median and p99 round trip; the medians over rounds.
+    for (key, name, unit) in [
+        ("vsock_rtt", "vsock_rtt_median", "us"),
+        ("vsock_rtt_p99", "vsock_rtt_p99", "us"),
+        ("vsock_h2g", "vsock_h2g", "MiB/s"),
+        ("vsock_g2h", "vsock_g2h", "MiB/s"),
+        ("blk_read", "blk_read", "MiB/s"),
+        ("blk_write", "blk_write", "MiB/s"),
     ] {
         for monitor in Monitor::BOTH {
             if let Some(s) = stats(monitor, key) {
                 result.push_str(&format!(
-                    " {}{key}={}",
+                    " {}{name}={}",
                     monitor.prefix(),
                     format_value(s.median, unit)
                 ));
@@ -604,59 +515,25 @@ impl Setup {
     }
 }
 
-/// Makes /dev/vhost-vsock exist: modprobe, else the modules the outer run prepared.
+/// Makes sure /dev/vhost-vsock exists (the host VM loads the module at boot; elsewhere,
+/// modprobe): QEMU's vsock device needs it. The error says why QEMU's vsock cannot be measured.
 fn load_vhost_vsock() -> std::result::Result<(), String> {
     let dev = Path::new("/dev/vhost-vsock");
-    if dev.exists() {
-        return Ok(());
-    }
-    let _ = Command::new("modprobe")
-        .args(["-q", "vhost_vsock"])
-        .stderr(Stdio::null())
-        .status();
-    if !dev.exists()
-        && let Some(dir) = std::env::var_os(MODULES_ENV)
-    {
-        let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-            .map_err(|e| format!("reading {}: {e}", Path::new(&dir).display()))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "ko"))
-            .collect();
-        files.sort();
-        for file in files {
-            let stem = file
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let name = stem.split_once('-').map_or(stem.as_str(), |(_, n)| n);
-            if Path::new("/sys/module").join(name).exists() {
-                continue;
-            }
-            let out = Command::new("insmod")
-                .arg(&file)
-                .output()
-                .map_err(|e| format!("running insmod: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "insmod {} failed: {}",
-                    file.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-        }
+    if !dev.exists() {
+        let _ = Command::new("modprobe")
+            .args(["-q", "vhost_vsock"])
+            .stderr(Stdio::null())
+            .status();
     }
     // devtmpfs creates the node shortly after the module registers it.
     let deadline = Instant::now() + Duration::from_secs(2);
     while !dev.exists() {
         if Instant::now() > deadline {
             return Err(format!(
-                "no /dev/vhost-vsock: `modprobe vhost_vsock` failed{}",
-                if std::env::var_os(MODULES_ENV).is_some() {
-                    " and loading the prepared modules did not create it"
-                } else {
-                    " and no modules were prepared for this kernel"
-                }
+                "no /dev/vhost-vsock and `modprobe vhost_vsock` did not make one (kernel {})",
+                fs::read_to_string("/proc/sys/kernel/osrelease")
+                    .unwrap_or_default()
+                    .trim()
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -669,18 +546,14 @@ pub fn inner(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
     let setup = Setup::new(cache)?;
     describe_environment(&setup);
 
+    eprintln!("==> boots: 1 warm-up + {runs} per monitor, alternating");
     // One unmeasured boot each: page cache, KVM module state, lazy kernel paths.
     for monitor in Monitor::BOTH {
         boot_sample(&setup, monitor, "warmup", false)
             .with_context(|| format!("warm-up boot of {}", monitor.name()))?;
     }
     for i in 0..runs {
-        let order = if i % 2 == 0 {
-            Monitor::BOTH
-        } else {
-            [Monitor::Qemu, Monitor::Wrenn]
-        };
-        for monitor in order {
+        for monitor in alternating(i) {
             let s = boot_sample(&setup, monitor, &format!("boot-{i}"), true)
                 .with_context(|| format!("boot {i} of {}", monitor.name()))?;
             sample(monitor, "boot", ms(s.ready));
@@ -699,6 +572,14 @@ pub fn inner(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
         }
     }
 
+    eprintln!("==> process start (--version), API ready, API-driven boots");
+    for i in 0..runs {
+        for monitor in alternating(i) {
+            let exec = exec_sample(&setup, monitor)
+                .with_context(|| format!("{} --version", monitor.name()))?;
+            sample(monitor, "exec", ms(exec));
+        }
+    }
     for i in 0..runs {
         let ready = api_ready_sample(&setup, i).with_context(|| format!("API sample {i}"))?;
         sample(Monitor::Wrenn, "api_ready", ms(ready));
@@ -708,21 +589,44 @@ pub fn inner(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
         sample(Monitor::Wrenn, "api_boot", ms(boot));
     }
 
+    eprintln!("==> block and vsock: {IO_ROUNDS} base-image boots per monitor");
     if let Err(reason) = &setup.qemu_vsock {
         println!("# QEMU vsock not measured (wrenn-vmm's numbers stand alone): {reason}");
     }
     for round in 0..IO_ROUNDS {
-        let order = if round % 2 == 0 {
-            Monitor::BOTH
-        } else {
-            [Monitor::Qemu, Monitor::Wrenn]
-        };
-        for monitor in order {
+        for monitor in alternating(round) {
             io_round(&setup, monitor, round)
                 .with_context(|| format!("I/O round {round} of {}", monitor.name()))?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Both monitors, the first one changing from round to round.
+fn alternating(round: usize) -> [Monitor; 2] {
+    if round.is_multiple_of(2) {
+        [Monitor::Wrenn, Monitor::Qemu]
+    } else {
+        [Monitor::Qemu, Monitor::Wrenn]
+    }
+}
+
+/// Spawning the monitor with `--version` until it exits: process creation, dynamic loading
+/// and runtime start, the floor under its start-up.
+fn exec_sample(setup: &Setup, monitor: Monitor) -> Result<Duration> {
+    let mut cmd = match monitor {
+        Monitor::Wrenn => Command::new(&setup.vmm),
+        Monitor::Qemu => Command::new("qemu-system-x86_64"),
+    };
+    cmd.arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let started = Instant::now();
+    let status = cmd.status()?;
+    let took = started.elapsed();
+    ensure!(status.success(), "exited with {status}");
+    Ok(took)
 }
 
 fn describe_environment(setup: &Setup) {
@@ -755,6 +659,14 @@ fn describe_environment(setup: &Setup) {
     println!(
         "# block: {DATA_MIB} MiB file on tmpfs; wrenn-vmm cache_type=Writeback (host page cache, \
          pread/pwrite), QEMU cache=writeback,aio=threads; guest dd bs=1M O_DIRECT"
+    );
+    println!(
+        "# vsock: wrenn-vmm CONNECT over its unix socket, QEMU vhost-vsock-device over AF_VSOCK; \
+         guest python3 servers; {PING_COUNT} x {PING_BYTES} B round trips, {STREAM_MIB} MiB each way"
+    );
+    println!(
+        "# startup = boot - guest_uptime (monitor start-up + guest boot before its clock runs); \
+         exec = `--version` to exit"
     );
 }
 
@@ -1438,6 +1350,20 @@ Private_Dirty:      1000 kB
         let m = Memory::parse(&merged, 262_144).unwrap();
         assert_eq!(m.guest_rss, 40_000 - 132);
         assert_eq!(m.overhead(), 1_800 + 132);
+    }
+
+    #[test]
+    fn test_io_script_serves_the_ports_the_host_uses() {
+        for (port, role) in [
+            (ECHO_PORT, "echo"),
+            (SINK_PORT, "sink"),
+            (SOURCE_PORT, "src"),
+        ] {
+            assert!(
+                IO_SCRIPT.contains(&format!("L({port},{role})")),
+                "{port} {role}"
+            );
+        }
     }
 
     #[test]

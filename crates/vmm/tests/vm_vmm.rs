@@ -64,17 +64,19 @@ fn test_config_file_boots_without_api_calls() {
     });
     let path = dir.path().join("vm.json");
     std::fs::write(&path, config.to_string()).unwrap();
-    let out = Command::new(support::VMM)
+    let log = dir.path().join("vmm.log");
+    let mut child = Command::new(support::VMM)
         .arg("--config-file")
         .arg(&path)
-        .output()
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
         .unwrap();
+    let status = support::wait_child(&mut child, GUEST_TIMEOUT, &console, &log);
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(
-        out.status.success(),
-        "{:?}\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        status.success(),
+        "{status:?}\n{text}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
     let (code, lines) = support::script_output(&text);
     assert_eq!((code, lines), (0, vec!["via-config".to_owned()]));
@@ -262,6 +264,7 @@ wait
         .collect();
     let writer = {
         let mut s = stream.try_clone().unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         let p = payload.clone();
         std::thread::spawn(move || s.write_all(&p).unwrap())
     };

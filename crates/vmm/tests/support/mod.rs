@@ -173,19 +173,8 @@ impl Vmm {
 
     /// Waits for the VMM to end on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "VMM still running after {timeout:?}\nconsole:\n{}\nlog:\n{}",
-                self.console_text(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = self.path("vmm.log");
+        wait_child(&mut self.child, timeout, &self.console, &log)
     }
 
     pub fn log(&self) -> String {
@@ -209,6 +198,27 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits for `child` to exit; past `timeout` it is killed and the test fails with its console
+/// and log.
+pub fn wait_child(child: &mut Child, timeout: Duration, console: &Path, log: &Path) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "VMM still running after {timeout:?}\nconsole:\n{}\nlog:\n{}",
+                std::fs::read_to_string(console).unwrap_or_default(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
