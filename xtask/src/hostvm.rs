@@ -53,7 +53,20 @@ pub fn run_argv(
     env: &[(&str, &str)],
     out: &mut dyn Write,
 ) -> Result<i32> {
-    let options = RunOptions::new(wrenn_hostvm::decide()?.placement);
+    run_argv_with(cache, argv, env, out, None, None)
+}
+
+/// [`run_argv`] with the host VM's vCPUs and a wall-clock limit (both `None`: the defaults).
+pub fn run_argv_with(
+    cache: &Cache,
+    argv: &[OsString],
+    env: &[(&str, &str)],
+    out: &mut dyn Write,
+    cpus: Option<u32>,
+    timeout: Option<Duration>,
+) -> Result<i32> {
+    let options =
+        RunOptions::new(wrenn_hostvm::decide()?.placement).with_overrides(cpus, None, timeout);
     let spec = spec(cache, argv, env);
     Ok(wrenn_hostvm::run(
         &spec,
