@@ -53,10 +53,11 @@ pub fn run_argv(
     env: &[(&str, &str)],
     out: &mut dyn Write,
 ) -> Result<i32> {
-    run_argv_with(cache, argv, env, out, None, None)
+    run_argv_with(cache, argv, env, out, None, None, None)
 }
 
-/// [`run_argv`] with the host VM's vCPUs and a wall-clock limit (both `None`: the defaults).
+/// [`run_argv`] with the host VM's vCPUs, a wall-clock limit and a limit on silence (`None`:
+/// the defaults). A stall is returned as `wrenn_hostvm::HostVmError::Stalled`.
 pub fn run_argv_with(
     cache: &Cache,
     argv: &[OsString],
@@ -64,9 +65,11 @@ pub fn run_argv_with(
     out: &mut dyn Write,
     cpus: Option<u32>,
     timeout: Option<Duration>,
+    quiet_timeout: Option<Duration>,
 ) -> Result<i32> {
-    let options =
+    let mut options =
         RunOptions::new(wrenn_hostvm::decide()?.placement).with_overrides(cpus, None, timeout);
+    options.quiet_timeout = quiet_timeout;
     let spec = spec(cache, argv, env);
     Ok(wrenn_hostvm::run(
         &spec,

@@ -102,6 +102,12 @@ pub enum HostVmError {
     NoExitStatus { console: PathBuf, tail: String },
     #[error("the command did not finish within {timeout:?}; {what} was killed")]
     Timeout { timeout: Duration, what: String },
+    #[error(
+        "the host VM stalled: the command wrote nothing for {quiet:?}; it was killed \
+         (console: {})",
+        console.display()
+    )]
+    Stalled { quiet: Duration, console: PathBuf },
     #[error("cannot pass on the command's output")]
     Output(#[source] std::io::Error),
 }

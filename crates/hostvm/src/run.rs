@@ -67,6 +67,9 @@ pub struct RunOptions {
     /// first QEMU launch (boots included; building the host VM's artifacts once is not) or from
     /// the start of a direct command.
     pub timeout: Option<Duration>,
+    /// Kill the host VM when the command has written nothing to stdout or stderr for this long
+    /// (the emulated host VM has been seen to stall for many minutes): `HostVmError::Stalled`.
+    pub quiet_timeout: Option<Duration>,
 }
 
 impl RunOptions {
@@ -92,6 +95,7 @@ impl RunOptions {
             boot_timeout: Duration::from_secs(20),
             boot_attempts: 3,
             timeout: None,
+            quiet_timeout: None,
         }
     }
 
@@ -390,7 +394,14 @@ fn run_hostvm(
                     "host VM ready; command started"
                 );
                 let ready = Instant::now();
-                let code = supervise(&mut vm, &dir, deadline, stdout, stderr)?;
+                let code = supervise(
+                    &mut vm,
+                    &dir,
+                    deadline,
+                    options.quiet_timeout,
+                    stdout,
+                    stderr,
+                )?;
                 tracing::debug!(
                     code,
                     after_ready_ms = ready.elapsed().as_millis(),
@@ -495,6 +506,7 @@ fn supervise(
     vm: &mut Qemu,
     dir: &RunDir,
     deadline: Option<(Instant, Duration)>,
+    quiet_timeout: Option<Duration>,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<i32, HostVmError> {
@@ -507,13 +519,28 @@ fn supervise(
     let mut buf = vec![0u8; 64 << 10];
     let exit = dir.guest("exit");
     let mut exit_seen: Option<Instant> = None;
+    let mut last_output = Instant::now();
     loop {
         let exited = vm.try_wait()?.is_some();
         // After the VM stopped, this reads everything that is left.
-        pump(&mut out, stdout, &mut buf)?;
-        pump(&mut err, stderr, &mut buf)?;
+        let wrote_out = pump(&mut out, stdout, &mut buf)?;
+        let wrote_err = pump(&mut err, stderr, &mut buf)?;
         if exited {
             break;
+        }
+        if wrote_out || wrote_err {
+            last_output = Instant::now();
+        }
+        if let Some(quiet) = quiet_timeout
+            && exit_seen.is_none()
+            && last_output.elapsed() > quiet
+        {
+            tracing::warn!(pid = vm.pid(), ?quiet, "the host VM stalled; killing it");
+            vm.kill();
+            return Err(HostVmError::Stalled {
+                quiet,
+                console: dir.file("console.log"),
+            });
         }
         if let Err(e) = check_deadline(vm, deadline) {
             pump(&mut out, stdout, &mut buf)?;
@@ -554,7 +581,7 @@ fn supervise(
 }
 
 /// Copies what `file` has beyond what was read before to `to`.
-fn pump(file: &mut File, to: &mut dyn Write, buf: &mut [u8]) -> Result<(), HostVmError> {
+fn pump(file: &mut File, to: &mut dyn Write, buf: &mut [u8]) -> Result<bool, HostVmError> {
     let mut wrote = false;
     loop {
         let n = match file.read(buf) {
@@ -569,7 +596,7 @@ fn pump(file: &mut File, to: &mut dyn Write, buf: &mut [u8]) -> Result<(), HostV
     if wrote {
         to.flush().map_err(HostVmError::Output)?;
     }
-    Ok(())
+    Ok(wrote)
 }
 
 #[cfg(test)]

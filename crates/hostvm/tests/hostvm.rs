@@ -187,6 +187,34 @@ fn test_hostvm_timeout_kills_vm_and_leaves_no_qemu() {
 }
 
 #[test]
+fn test_hostvm_silent_command_is_killed_as_a_stall() {
+    require_hostvm!();
+    init_logs();
+    let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // Output every second for a while, then silence: only the silence counts.
+    let spec = CommandSpec::new([
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6; do echo tick; sleep 1; done; sleep 600",
+    ]);
+    let mut options = RunOptions::new(Placement::HostVm).timeout(Duration::from_secs(120));
+    options.quiet_timeout = Some(Duration::from_secs(8));
+    let started = Instant::now();
+    let (result, out, _) = run_captured(&spec, &options);
+    let took = started.elapsed();
+    let err = result.expect_err("a silent command must count as a stall");
+    assert!(
+        matches!(err, HostVmError::Stalled { .. }),
+        "{}",
+        chain(&err)
+    );
+    assert_eq!(out.matches("tick").count(), 6, "{out}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    let left = qemus_of(std::process::id());
+    assert!(left.is_empty(), "QEMU still running: {left:?}");
+}
+
+#[test]
 fn test_hostvm_without_svm_reports_missing_kvm_clearly() {
     require_hostvm!();
     init_logs();
