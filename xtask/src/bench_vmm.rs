@@ -180,7 +180,11 @@ pub fn outer(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
         runs.to_string().into(),
     ];
     // One vCPU: the host VM's clock is then the TSC (with more it is 4 ms jiffies).
-    let options = RunOptions::new(placement).with_overrides(Some(1), None, Some(HOSTVM_TIMEOUT));
+    let mut options =
+        RunOptions::new(placement).with_overrides(Some(1), None, Some(HOSTVM_TIMEOUT));
+    // The emulated host VM can stall; samples arrive every few seconds, so minutes of silence
+    // end the run with a clear error instead of waiting for the overall limit.
+    options.quiet_timeout = Some(Duration::from_secs(180));
     let spec = crate::hostvm::spec(cache, &argv, &[(VMM_ENV, vmm_path.as_str())]);
     let mut capture = SampleCapture::default();
     let code = wrenn_hostvm::run(&spec, &options, cache, &mut capture, &mut std::io::stderr())?;
