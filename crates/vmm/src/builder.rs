@@ -23,9 +23,6 @@ use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{VirtioDevice, block, net, rng, vsock};
 use crate::vm::{Vm, VmError};
 
-/// Offset of QueueNotify in a virtio-mmio register file.
-const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
-
 /// An event-loop subscriber as the VMM thread holds it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -107,8 +104,11 @@ impl VirtioSlots<'_> {
         self.vm.register_irqfd(transport.interrupt().irqfd(), irq)?;
         for (queue, event) in lock(&device).queue_events().iter().enumerate() {
             let queue = u32::try_from(queue).expect("a few queues");
-            self.vm
-                .register_mmio_doorbell(event, addr + QUEUE_NOTIFY_OFFSET, queue)?;
+            self.vm.register_mmio_doorbell(
+                event,
+                addr + crate::virtio::mmio::reg::QUEUE_NOTIFY,
+                queue,
+            )?;
         }
         let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
         self.mmio.insert(transport, addr, VIRTIO_MMIO_SLOT)?;

@@ -36,8 +36,6 @@ pub struct Confinement {
     pub seccomp: Option<crate::seccomp::DenyAction>,
     /// A private mount namespace whose root holds only the kept paths.
     pub new_root: bool,
-    /// Limits, no_new_privs and non-dumpable (on unless the VMM runs unconfined).
-    pub enabled: bool,
     /// Paths reachable by name afterwards besides those the VM's config implies (the vsock
     /// socket's directory, the metrics file): e.g. the API socket's directory.
     pub keep: Vec<crate::jail::KeptPath>,
@@ -169,10 +167,9 @@ impl Controller {
     }
 
     fn confine_and_start(&mut self) -> Result<(), String> {
-        if self.confinement.enabled {
-            let plan = self.jail_plan()?;
-            crate::jail::confine(&plan).map_err(|e| crate::diag::error_chain(&e))?;
-        }
+        // Limits, no_new_privs and non-dumpable always; the new root only when asked.
+        let plan = self.jail_plan()?;
+        crate::jail::confine(&plan).map_err(|e| crate::diag::error_chain(&e))?;
         let seccomp = self.confinement.seccomp;
         if let Some(machine) = &mut self.machine {
             machine
@@ -186,7 +183,7 @@ impl Controller {
         tracing::info!(
             since_start_ms = self.created.elapsed().as_millis(),
             seccomp = ?seccomp,
-            jail = self.confinement.enabled && self.confinement.new_root,
+            jail = self.confinement.new_root,
             "vCPUs running"
         );
         Ok(())

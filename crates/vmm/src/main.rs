@@ -109,7 +109,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut confinement = Confinement {
         seccomp,
         new_root: !args.no_jail,
-        enabled: true,
         keep: Vec::new(),
         drop_to: args
             .uid

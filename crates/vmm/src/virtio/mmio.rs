@@ -59,7 +59,7 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0;
 
 /// Register offsets (virtio 1.2 §4.2.2).
-mod reg {
+pub(crate) mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
