@@ -8,13 +8,17 @@
 //! is most of a cold boot's time. Guest RAM stays mapped for the life of the process (a VMM
 //! process runs one VM).
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// Guest memory as every part of the VMM sees it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as every part of the VMM sees it. The bitmap records the pages the VMM itself
+/// writes (virtio data and rings), which KVM's dirty log cannot see: a Diff snapshot needs both.
+/// Writes through vm-memory's accessors mark it; a device that writes through a raw pointer
+/// (positioned reads, readv, getrandom) marks the range itself with [`mark_dirty`].
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Smallest and largest guest RAM the VMM accepts, in MiB.
 pub const MIN_MEM_MIB: u64 = 16;
@@ -65,6 +69,31 @@ pub fn create(mib: u64, transparent_huge_pages: bool) -> Result<GuestMemory, Mem
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(e.to_string()))
+}
+
+/// Records that the VMM wrote `[addr, addr + len)` of guest memory through a raw pointer (not
+/// through vm-memory's accessors, which record their writes themselves). Ranges outside guest
+/// RAM are ignored: the write they describe could not have happened.
+pub fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {
+    use vm_memory::bitmap::Bitmap as _;
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+    let mut addr = addr;
+    let mut left = len;
+    while left > 0 {
+        let Some((region, offset)) = mem.to_region_addr(addr) else {
+            return;
+        };
+        let Ok(offset) = usize::try_from(offset.0) else {
+            return;
+        };
+        let in_region = left.min(to_usize(region.len()).saturating_sub(offset));
+        if in_region == 0 {
+            return;
+        }
+        region.bitmap().mark_dirty(offset, in_region);
+        left -= in_region;
+        addr = GuestAddress(addr.0 + in_region as u64);
+    }
 }
 
 /// Names the mapping `[anon:wrenn-guest-ram]` in /proc/PID/maps and smaps, so tools (and

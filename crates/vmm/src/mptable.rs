@@ -16,7 +16,9 @@
 //!
 //! Every structure carries a checksum byte that makes its bytes sum to zero (mod 256).
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemory;
 
 /// Where the table starts: the last KiB of the first 640 KiB.
 pub const MPTABLE_START: u64 = 0x9fc00;
@@ -142,7 +144,7 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
 }
 
 /// Writes the table for `vcpus` vCPUs into guest memory at [`MPTABLE_START`].
-pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), MpTableError> {
+pub fn write(mem: &GuestMemory, vcpus: u8) -> Result<(), MpTableError> {
     let bytes = build(vcpus)?;
     mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
         .map_err(MpTableError::Write)
@@ -226,7 +228,7 @@ mod tests {
 
     #[test]
     fn test_write_fits_below_640k() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write(&mem, MAX_VCPUS).unwrap();
         let end = MPTABLE_START + build(MAX_VCPUS).unwrap().len() as u64;
         assert!(

@@ -116,7 +116,7 @@ pub(super) fn read_tx_packet(
 
 /// A guest RX buffer, checked and ready to take one packet.
 pub(super) struct RxBuffer<'a> {
-    writer: virtio_queue::Writer<'a>,
+    writer: virtio_queue::Writer<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>,
 }
 
 impl<'a> RxBuffer<'a> {
