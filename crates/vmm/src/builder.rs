@@ -55,6 +55,8 @@ pub enum StartError {
     Vsock(String),
     #[error("entropy device: {0}")]
     Rng(std::io::Error),
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
 }
 
 /// A built VM whose vCPUs are configured but not yet running.
@@ -62,10 +64,18 @@ pub struct Machine {
     pub vm: Vm,
     pub vcpu_fds: Vec<VcpuFd>,
     pub vcpus: Vec<VcpuHandle>,
+    /// Whether the vCPU threads start paused (a restore not asked to resume).
+    pub start_paused: bool,
+    /// Guest RAM is plain anonymous memory (a boot): a page never backed reads as zero.
+    /// False after a restore from files or a page server.
+    pub memory_is_anonymous: bool,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
+    pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub virtio: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    /// The transport of each virtio device, in slot order (what a snapshot saves).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub cmdline: String,
 }
 
@@ -85,6 +95,7 @@ struct VirtioSlots<'a> {
     next: u32,
     cmdline: String,
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     subscribers: Vec<Subscriber>,
 }
 
@@ -110,7 +121,9 @@ impl VirtioSlots<'_> {
                 queue,
             )?;
         }
-        let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push(transport.clone());
+        let transport: Arc<Mutex<dyn BusDevice>> = transport;
         self.mmio.insert(transport, addr, VIRTIO_MMIO_SLOT)?;
         self.cmdline
             .push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
@@ -148,31 +161,29 @@ fn console_output(path: Option<&str>) -> Result<Box<dyn Write + Send>, StartErro
     Ok(Box::new(file))
 }
 
-/// Builds the machine. On error everything built so far is dropped (fds closed, memory
-/// unmapped, the vsock socket removed by its device).
-pub fn build(
+/// The parts of a machine that a boot and a restore build alike: the KVM VM over `mem`, the
+/// legacy devices on the port bus, and the virtio devices in their slots (drives with the root
+/// first, network interfaces, vsock, entropy: a restore depends on this order being stable).
+struct Parts {
+    vm: Vm,
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    virtio: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    subscribers: Vec<Subscriber>,
+    /// `virtio_mmio.device=` arguments naming the slots.
+    virtio_args: String,
+}
+
+fn build_parts(
     resources: &Resources,
+    mem: memory::GuestMemory,
     exits: &Arc<ExitNotifier>,
     ring: &Arc<Mutex<ConsoleRing>>,
-) -> Result<(Machine, Vec<Subscriber>), StartError> {
-    let kernel_path = resources.kernel_path()?;
-    let mut cmdline = resources.base_cmdline()?;
-    let vcpu_count = resources.machine.vcpu_count;
-
-    let mem = memory::create(
-        resources.machine.mem_size_mib,
-        resources.machine.huge_pages == crate::api::models::HugePages::Transparent,
-    )?;
-    let vm = Vm::new(mem.clone())?;
-    let (entry, setup_header) = boot::load_kernel(&mem, kernel_path)?;
-    let initrd = match resources
-        .boot_source
-        .as_ref()
-        .and_then(|b| b.initrd_path.as_deref())
-    {
-        Some(path) => Some(boot::load_initrd(&mem, std::path::Path::new(path))?),
-        None => None,
-    };
+) -> Result<Parts, StartError> {
+    let vm = Vm::new(mem, resources.machine.track_dirty_pages)?;
 
     // Legacy devices on the port bus.
     let mut pio = Bus::new();
@@ -183,9 +194,13 @@ pub fn build(
         ring.clone(),
         exits.clone(),
     );
-    let serial: Arc<Mutex<dyn BusDevice>> =
-        Arc::new(Mutex::new(SerialDevice::new(IrqLine(serial_irq), sink)));
-    pio.insert(serial, u64::from(SERIAL_PORT), u64::from(SERIAL_PORT_LEN))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(IrqLine(serial_irq), sink)));
+    let serial_bus: Arc<Mutex<dyn BusDevice>> = serial.clone();
+    pio.insert(
+        serial_bus,
+        u64::from(SERIAL_PORT),
+        u64::from(SERIAL_PORT_LEN),
+    )?;
     let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(StartError::EventFd)?;
     vm.register_irqfd(&kbd_irq, I8042_IRQ)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(IrqLine(kbd_irq), exits.clone())));
@@ -195,7 +210,6 @@ pub fn build(
         u64::from(I8042_PORT_LEN),
     )?;
 
-    // virtio devices: drives (root first), network interfaces, vsock, entropy.
     let mut mmio = Bus::new();
     let mut slots = VirtioSlots {
         vm: &vm,
@@ -203,6 +217,7 @@ pub fn build(
         next: 0,
         cmdline: String::new(),
         devices: Vec::new(),
+        transports: Vec::new(),
         subscribers: Vec::new(),
     };
     for drive in &resources.drives {
@@ -230,30 +245,124 @@ pub fn build(
     let VirtioSlots {
         cmdline: virtio_args,
         devices: virtio,
+        transports,
         subscribers,
         ..
     } = slots;
-    cmdline.push_str(&virtio_args);
+    Ok(Parts {
+        vm,
+        pio,
+        mmio,
+        serial,
+        i8042,
+        virtio,
+        transports,
+        subscribers,
+        virtio_args,
+    })
+}
 
+impl Parts {
+    fn into_machine(self, vcpu_fds: Vec<VcpuFd>, cmdline: String, start_paused: bool) -> Machine {
+        Machine {
+            vm: self.vm,
+            vcpu_fds,
+            vcpus: Vec::new(),
+            start_paused,
+            memory_is_anonymous: true,
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(self.mmio),
+            serial: self.serial,
+            i8042: self.i8042,
+            virtio: self.virtio,
+            transports: self.transports,
+            cmdline,
+        }
+    }
+}
+
+/// Builds the machine. On error everything built so far is dropped (fds closed, memory
+/// unmapped, the vsock socket removed by its device).
+pub fn build(
+    resources: &Resources,
+    exits: &Arc<ExitNotifier>,
+    ring: &Arc<Mutex<ConsoleRing>>,
+) -> Result<(Machine, Vec<Subscriber>), StartError> {
+    let kernel_path = resources.kernel_path()?;
+    let mut cmdline = resources.base_cmdline()?;
+    let vcpu_count = resources.machine.vcpu_count;
+
+    let mem = memory::create(
+        resources.machine.mem_size_mib,
+        resources.machine.huge_pages == crate::api::models::HugePages::Transparent,
+    )?;
+    let (entry, setup_header) = boot::load_kernel(&mem, kernel_path)?;
+    let initrd = match resources
+        .boot_source
+        .as_ref()
+        .and_then(|b| b.initrd_path.as_deref())
+    {
+        Some(path) => Some(boot::load_initrd(&mem, std::path::Path::new(path))?),
+        None => None,
+    };
+    let mut parts = build_parts(resources, mem.clone(), exits, ring)?;
+    cmdline.push_str(&parts.virtio_args);
     boot::write_boot_structures(&mem, &cmdline, setup_header, initrd, vcpu_count)?;
 
     let mut vcpu_fds = Vec::with_capacity(usize::from(vcpu_count));
     for index in 0..vcpu_count {
-        let fd = vm.create_vcpu(index)?;
-        vcpu::configure(&fd, vm.supported_cpuid(), index, vcpu_count, entry)?;
+        let fd = parts.vm.create_vcpu(index)?;
+        vcpu::configure(&fd, parts.vm.supported_cpuid(), index, vcpu_count, entry)?;
         vcpu_fds.push(fd);
     }
+    let subscribers = std::mem::take(&mut parts.subscribers);
+    Ok((parts.into_machine(vcpu_fds, cmdline, false), subscribers))
+}
+
+/// What a restore puts back into a freshly built machine.
+#[derive(Debug)]
+pub struct RestoredState<'a> {
+    pub vcpus: &'a [vcpu::VcpuState],
+    pub vm: &'a crate::vm::VmState,
+    pub devices: &'a crate::snapshot::DevicesState,
+}
+
+/// Builds a machine over restored guest memory and puts the saved state back: vCPUs, then the
+/// VM (clock, interrupt controllers), then the devices (last: restoring a device may raise an
+/// interrupt, which the irqchip restore would otherwise wipe).
+pub fn restore(
+    resources: &Resources,
+    mem: memory::GuestMemory,
+    state: RestoredState<'_>,
+    start_paused: bool,
+    exits: &Arc<ExitNotifier>,
+    ring: &Arc<Mutex<ConsoleRing>>,
+) -> Result<(Machine, Vec<Subscriber>), StartError> {
+    let vcpu_count = resources.machine.vcpu_count;
+    if state.vcpus.len() != usize::from(vcpu_count) {
+        return Err(StartError::Restore(format!(
+            "the snapshot holds {} vCPU states for {vcpu_count} vCPUs",
+            state.vcpus.len()
+        )));
+    }
+    let mut parts = build_parts(resources, mem, exits, ring)?;
+    let mut vcpu_fds = Vec::with_capacity(usize::from(vcpu_count));
+    for (index, saved) in (0..vcpu_count).zip(state.vcpus) {
+        let fd = parts.vm.create_vcpu(index)?;
+        vcpu::restore_state(&fd, index, saved)?;
+        vcpu_fds.push(fd);
+    }
+    parts.vm.restore_state(state.vm)?;
+    crate::snapshot::restore_devices(
+        state.devices,
+        &parts.serial,
+        &parts.i8042,
+        &parts.transports,
+    )
+    .map_err(|e| StartError::Restore(crate::diag::error_chain(&e)))?;
+    let subscribers = std::mem::take(&mut parts.subscribers);
     Ok((
-        Machine {
-            vm,
-            vcpu_fds,
-            vcpus: Vec::new(),
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            i8042,
-            virtio,
-            cmdline,
-        },
+        parts.into_machine(vcpu_fds, String::new(), start_paused),
         subscribers,
     ))
 }
@@ -266,15 +375,20 @@ impl Machine {
         seccomp: Option<crate::seccomp::DenyAction>,
     ) -> Result<(), VcpuError> {
         vcpu::install_kick_handler()?;
+        let context = vcpu::VcpuContext {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            exits: exits.clone(),
+            seccomp,
+            msr_list: Arc::new(self.vm.msr_list().to_vec()),
+        };
         for (index, fd) in self.vcpu_fds.drain(..).enumerate() {
             let index = u8::try_from(index).expect("at most 32 vCPUs");
             self.vcpus.push(vcpu::spawn(
                 index,
                 fd,
-                self.pio.clone(),
-                self.mmio.clone(),
-                exits.clone(),
-                seccomp,
+                context.clone(),
+                self.start_paused,
             )?);
         }
         Ok(())

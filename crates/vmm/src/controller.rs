@@ -4,7 +4,7 @@
 //! eventfd (a vCPU or device saw the guest end), and the stop eventfd (SIGTERM/SIGINT). Device
 //! subscribers are created when the VM starts; the loop in [`run`] registers them.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
@@ -48,12 +48,21 @@ struct Counters {
     api_faults: u64,
     pauses: u64,
     resumes: u64,
+    snapshots: u64,
+    last_snapshot_ms: u64,
+    restores: u64,
+    last_restore_ms: u64,
 }
 
 pub struct Controller {
     id: String,
     resources: Resources,
     machine: Option<Machine>,
+    /// The store layer guest memory equals, after a layered snapshot or restore.
+    lineage: crate::snapshot::Lineage,
+    /// The page server serving guest memory, after a Uffd restore, and whether the loop
+    /// watches its connection yet.
+    pager: Option<(crate::snapshot::uffd::UffdBackend, bool)>,
     paused: bool,
     exits: Arc<ExitNotifier>,
     exit_rx: mpsc::Receiver<VmExit>,
@@ -88,6 +97,8 @@ impl Controller {
             id,
             resources: Resources::default(),
             machine: None,
+            lineage: None,
+            pager: None,
             paused: false,
             exits: Arc::new(exits),
             exit_rx,
@@ -312,6 +323,78 @@ impl Controller {
             },
             ApiRequest::Action(ActionType::FlushMetrics) => self.flush_metrics(),
             ApiRequest::PatchVm(state) => self.set_vm_state(state),
+            ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
+            ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
+        }
+    }
+
+    fn create_snapshot(&mut self, params: &crate::api::models::SnapshotCreateParams) -> ApiResponse {
+        let Some(machine) = &self.machine else {
+            return ApiResponse::Fault(NOT_BEFORE_START.into());
+        };
+        if !self.paused {
+            return ApiResponse::Fault(crate::snapshot::SnapshotError::NotPaused.to_string());
+        }
+        let started = Instant::now();
+        match crate::snapshot::create(machine, &self.resources, params, &mut self.lineage) {
+            Ok(()) => {
+                self.counters.snapshots += 1;
+                self.counters.last_snapshot_ms = millis(started);
+                ApiResponse::NoContent
+            }
+            Err(e) => ApiResponse::Fault(format!("snapshot: {}", crate::diag::error_chain(&e))),
+        }
+    }
+
+    fn load_snapshot(&mut self, params: &crate::api::models::SnapshotLoadParams) -> ApiResponse {
+        if self.machine.is_some() {
+            return ApiResponse::Fault(NOT_AFTER_START.into());
+        }
+        let started = Instant::now();
+        self.boot_started = Some(started);
+        let restored =
+            match crate::snapshot::load(params, &self.resources, &self.exits, &self.ring) {
+                Ok(r) => r,
+                Err(e) => {
+                    return ApiResponse::Fault(format!(
+                        "snapshot load: {}",
+                        crate::diag::error_chain(&e)
+                    ));
+                }
+            };
+        self.resources = restored.resources;
+        self.apply_ring_size();
+        self.paused = restored.machine.start_paused;
+        self.machine = Some(restored.machine);
+        self.pending_subscribers = restored.subscribers;
+        self.pager = restored.uffd.map(|u| (u, false));
+        self.lineage = restored.lineage;
+        self.counters.restores += 1;
+        self.counters.last_restore_ms = millis(started);
+        tracing::info!(
+            since_start_ms = self.created.elapsed().as_millis(),
+            state = self.state(),
+            "VM restored"
+        );
+        ApiResponse::NoContent
+    }
+
+    /// The page server holds its end of the connection for as long as it serves this VM: an
+    /// end-of-file means no missing page will ever arrive again.
+    fn check_pager(&mut self) {
+        let Some((backend, _)) = &self.pager else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        match (&backend.connection).read(&mut buf) {
+            Ok(n) if n > 0 => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Ok(_) | Err(_) => {
+                tracing::error!("the page server closed its connection; stopping the VM");
+                self.exit.get_or_insert(VmExit::Error(
+                    "the page server serving guest memory went away".into(),
+                ));
+            }
         }
     }
 
@@ -409,6 +492,10 @@ impl Controller {
     }
 }
 
+fn millis(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 fn json_of<T: serde::Serialize>(value: &T) -> ApiResponse {
     match serde_json::to_value(value) {
         Ok(v) => ApiResponse::Json(v),
@@ -419,6 +506,7 @@ fn json_of<T: serde::Serialize>(value: &T) -> ApiResponse {
 const TOKEN_API: u32 = 1;
 const TOKEN_EXIT: u32 = 2;
 const TOKEN_STOP: u32 = 3;
+const TOKEN_PAGER: u32 = 4;
 
 impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
@@ -434,9 +522,26 @@ impl MutEventSubscriber for Controller {
         add(&self.stop, TOKEN_STOP);
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            TOKEN_API => self.serve_api(),
+            TOKEN_API => {
+                self.serve_api();
+                if let Some((backend, watched)) = &mut self.pager
+                    && !*watched
+                {
+                    let _ = backend.connection.set_nonblocking(true);
+                    let watch = Events::with_data(
+                        &backend.connection,
+                        TOKEN_PAGER,
+                        EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP,
+                    );
+                    if let Err(e) = ops.add(watch) {
+                        tracing::error!(error = ?e, "watching the page server connection");
+                    }
+                    *watched = true;
+                }
+            }
+            TOKEN_PAGER => self.check_pager(),
             TOKEN_EXIT => {
                 let _ = self.exits.event().read();
                 if let Ok(exit) = self.exit_rx.try_recv() {

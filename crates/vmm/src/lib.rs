@@ -15,6 +15,7 @@ pub mod mptable;
 pub mod probe;
 pub mod resources;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -35,6 +35,10 @@ struct Args {
     /// no-new-privileges still apply. Needed when not running as root.
     #[arg(long)]
     no_jail: bool,
+    /// Also keep this directory reachable (read-write) inside the jail: where snapshots are
+    /// written (a layered store, a pause directory). Repeatable.
+    #[arg(long = "keep", value_name = "DIR")]
+    keep: Vec<PathBuf>,
     /// Switch to this uid (and --gid) once the VM is built.
     #[arg(long, requires = "gid")]
     uid: Option<u32>,
@@ -109,7 +113,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut confinement = Confinement {
         seccomp,
         new_root: !args.no_jail,
-        keep: Vec::new(),
+        keep: args
+            .keep
+            .iter()
+            .map(|path| wrenn_vmm::jail::KeptPath {
+                path: path.clone(),
+                access: wrenn_vmm::jail::Access::ReadWrite,
+            })
+            .collect(),
         drop_to: args
             .uid
             .zip(args.gid)

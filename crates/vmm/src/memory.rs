@@ -71,6 +71,89 @@ pub fn create(mib: u64, transparent_huge_pages: bool) -> Result<GuestMemory, Mem
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(e.to_string()))
 }
 
+/// Maps guest RAM for a restore whose memory comes from files: an anonymous reservation laid
+/// out like [`create`]'s, then, for each `(device_offset, len, file, file_offset)`, that part
+/// of the file mapped over it private and copy-on-write (the guest's writes never reach the
+/// file; pages are read from the page cache on first touch). `device_offset` counts in the
+/// flat range the regions make end to end; every number must be page-aligned, and the files
+/// must cover what is mapped (checked by the caller: touching past EOF is SIGBUS).
+pub fn map_files(
+    mib: u64,
+    pieces: &[(u64, u64, &std::fs::File, u64)],
+) -> Result<GuestMemory, MemoryError> {
+    use std::os::fd::AsRawFd as _;
+    let mem = create(mib, false)?;
+    let map_err = |source| MemoryError::Map { mib, source };
+    for &(device_offset, len, file, file_offset) in pieces {
+        let mut done = 0u64;
+        while done < len {
+            let (host, room) = host_address(&mem, device_offset + done).ok_or_else(|| {
+                MemoryError::Region(format!(
+                    "offset {:#x} is beyond guest memory",
+                    device_offset + done
+                ))
+            })?;
+            let chunk = (len - done).min(room);
+            let offset = libc::off_t::try_from(file_offset + done)
+                .map_err(|_| MemoryError::Region("file offset too large".into()))?;
+            // SAFETY: the target range [host, host + chunk) lies inside guest RAM mapped by
+            // `create` above (host_address checked it), which nothing has touched yet and no
+            // other thread uses; MAP_FIXED replaces exactly those pages with a private mapping
+            // of the file. The result is checked.
+            let mapped = unsafe {
+                libc::mmap(
+                    host as *mut libc::c_void,
+                    to_usize(chunk),
+                    PROT,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    offset,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                return Err(map_err(std::io::Error::last_os_error()));
+            }
+            done += chunk;
+        }
+    }
+    Ok(mem)
+}
+
+/// The host address of flat-range offset `device_offset`, and how many bytes of its region
+/// follow it.
+pub fn host_address(mem: &GuestMemory, device_offset: u64) -> Option<(usize, u64)> {
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+    let mut base = 0u64;
+    for region in mem.iter() {
+        let len = region.len();
+        if device_offset < base + len {
+            let within = device_offset - base;
+            return Some((region.as_ptr() as usize + to_usize(within), len - within));
+        }
+        base += len;
+    }
+    None
+}
+
+/// For each page of `[host, host + len)` of guest RAM: whether it is resident (backed by a
+/// page in memory). On anonymous guest RAM (no swap) a page that is not resident was never
+/// written and reads as zero.
+pub fn residency(host: usize, len: usize) -> std::io::Result<Vec<bool>> {
+    let pages = len.div_ceil(PAGE_SIZE);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: [host, host + len) is a page-aligned range of our guest RAM mapping (callers pass
+    // region starts and lengths); mincore writes exactly one byte per page into `vec`, which
+    // has that many.
+    let ret = unsafe { libc::mincore(host as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec.into_iter().map(|b| b & 1 == 1).collect())
+}
+
+/// Guest page size for snapshots and dirty tracking.
+pub const PAGE_SIZE: usize = 4096;
+
 /// Records that the VMM wrote `[addr, addr + len)` of guest memory through a raw pointer (not
 /// through vm-memory's accessors, which record their writes themselves). Ranges outside guest
 /// RAM are ignored: the write they describe could not have happened.

@@ -290,15 +290,33 @@ fn c(value: impl TryInto<u64>) -> u64 {
     value.try_into().unwrap_or(u64::MAX)
 }
 
-/// `_IO`/`_IOR` numbers of the KVM vCPU ioctls the vCPU thread makes.
+/// Numbers of the KVM ioctls the vCPU threads (running, and reading their state for a
+/// snapshot) and the VMM thread (VM state and dirty log for a snapshot) make.
 mod kvm {
-    use kvm_bindings::{KVMIO, kvm_regs, kvm_sregs};
-    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+    use kvm_bindings::{
+        KVMIO, kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_irqchip,
+        kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
+        kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
     ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 }
 
 /// The flags glibc's `pthread_create` passes to `clone`: a thread in this process.
@@ -317,6 +335,16 @@ fn thread_clone_flags() -> u64 {
 /// What `OpenOptions::new().create(true).append(true)` asks for: the metrics file.
 fn append_create_flags() -> u64 {
     c(libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC)
+}
+
+/// What a snapshot opens: new files (`create` + `truncate`, or `create_new`) and, read-only,
+/// the directory it fsyncs after renaming the state file into place.
+fn snapshot_open_flags() -> [u64; 3] {
+    [
+        c(libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC),
+        c(libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC),
+        c(libc::O_RDONLY | libc::O_CLOEXEC),
+    ]
 }
 
 /// `SO_RCVTIMEO`/`SO_SNDTIMEO`, in both the old (32-bit time) and new numbering.
@@ -408,7 +436,15 @@ fn vmm() -> Vec<Allowed> {
         arg_in(
             sys!(SYS_ioctl),
             1,
-            &[c(libc::FIONBIO), c(libc::TUNSETOFFLOAD)],
+            &[
+                c(libc::FIONBIO),
+                c(libc::TUNSETOFFLOAD),
+                // Snapshots: the VM's state and the guest's dirty pages.
+                kvm::KVM_GET_DIRTY_LOG(),
+                kvm::KVM_GET_IRQCHIP(),
+                kvm::KVM_GET_PIT2(),
+                kvm::KVM_GET_CLOCK(),
+            ],
         ),
         arg_in(
             sys!(SYS_fcntl),
@@ -420,8 +456,28 @@ fn vmm() -> Vec<Allowed> {
                 c(libc::F_DUPFD_CLOEXEC),
             ],
         ),
-        // FlushMetrics appends to the metrics file (kept in the jail); no other open.
-        arg_in(sys!(SYS_openat), 2, &[append_create_flags()]),
+        // FlushMetrics appends to the metrics file (kept in the jail); snapshots write new
+        // files into kept directories. Nothing else is opened after confinement.
+        arg_in(
+            sys!(SYS_openat),
+            2,
+            &[
+                append_create_flags(),
+                snapshot_open_flags()[0],
+                snapshot_open_flags()[1],
+                snapshot_open_flags()[2],
+            ],
+        ),
+        // Snapshots: a build's directory, sizing sparse files, atomic renames, and which
+        // guest pages are resident (never-touched pages are not written).
+        allow(sys!(SYS_mkdir)),
+        allow(sys!(SYS_mkdirat)),
+        allow(sys!(SYS_ftruncate)),
+        allow(sys!(SYS_rename)),
+        allow(sys!(SYS_renameat)),
+        allow(sys!(SYS_renameat2)),
+        allow(sys!(SYS_mincore)),
+        allow(sys!(SYS_fstat)),
         // Removing the vsock and API sockets at exit (only if still ours: stat first).
         allow(sys!(SYS_statx)),
         allow(sys!(SYS_newfstatat)),
@@ -506,6 +562,16 @@ fn vcpu() -> Vec<Allowed> {
                 kvm::KVM_KVMCLOCK_CTRL(),
                 kvm::KVM_GET_REGS(),
                 kvm::KVM_GET_SREGS(),
+                // A paused vCPU reads its whole state for a snapshot.
+                kvm::KVM_GET_MSRS(),
+                kvm::KVM_GET_LAPIC(),
+                kvm::KVM_GET_CPUID2(),
+                kvm::KVM_GET_MP_STATE(),
+                kvm::KVM_GET_VCPU_EVENTS(),
+                kvm::KVM_GET_DEBUGREGS(),
+                kvm::KVM_GET_XSAVE(),
+                kvm::KVM_GET_XCRS(),
+                kvm::KVM_GET_TSC_KHZ(),
                 // virtio-net activation (DRIVER_OK arrives on a vCPU thread) sets offloads.
                 c(libc::TUNSETOFFLOAD),
             ],

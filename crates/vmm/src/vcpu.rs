@@ -9,7 +9,11 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -33,6 +37,22 @@ pub enum VcpuError {
     Spawn { index: u8, source: std::io::Error },
     #[error("vCPU {0} did not answer a {1:?} command")]
     NoAnswer(u8, VcpuCommand),
+    #[error("vCPU {index}: saving {what}: {source}")]
+    Save {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: restoring {what}: {source}")]
+    Restore {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM refused MSR {msr:#x} on restore")]
+    MsrRefused { index: u8, msr: u32 },
+    #[error("vCPU {0}: its state can only be saved while it is paused")]
+    NotPaused(u8),
 }
 
 /// Control of a running vCPU thread.
@@ -41,6 +61,185 @@ pub enum VcpuCommand {
     Pause,
     Resume,
     Stop,
+    /// Only while paused: the thread reads its registers and sends them back.
+    SaveState,
+}
+
+/// Everything KVM holds for one vCPU, as a snapshot keeps it (plain data).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    /// (index, value) pairs; IA32_TSC first and TSC_DEADLINE last, the order they restore in.
+    pub msrs: Vec<(u32, u64)>,
+    pub vcpu_events: kvm_vcpu_events,
+    /// The guest's TSC frequency, when KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// MSRs KVM lists but that a snapshot must not carry: machine-check control (host policy).
+const MSR_IA32_MCG_CTL: u32 = 0x17b;
+
+/// The MSRs a snapshot saves: what KVM says it can save and restore, minus host policy, with
+/// IA32_TSC first (a TSC deadline is only meaningful against the restored TSC) and
+/// TSC_DEADLINE last.
+pub fn msrs_to_save(kvm_list: &[u32]) -> Vec<u32> {
+    let mut list: Vec<u32> = kvm_list
+        .iter()
+        .copied()
+        .filter(|&m| m != MSR_IA32_MCG_CTL && m != MSR_IA32_TSC && m != MSR_IA32_TSC_DEADLINE)
+        .collect();
+    list.insert(0, MSR_IA32_TSC);
+    if kvm_list.contains(&MSR_IA32_TSC_DEADLINE) {
+        list.push(MSR_IA32_TSC_DEADLINE);
+    }
+    list
+}
+
+/// Reads a vCPU's whole state, in the order that keeps it consistent: MP state first (it
+/// makes KVM accept pending APIC events), vCPU events last. Must run while the vCPU is not in
+/// `KVM_RUN` (its own thread, paused; or before it ever ran).
+pub fn save_state(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuState, VcpuError> {
+    let err = |what| move |source| VcpuError::Save { index, what, source };
+    let mp_state = fd.get_mp_state().map_err(err("MP state"))?;
+    let regs = fd.get_regs().map_err(err("registers"))?;
+    let sregs = fd.get_sregs().map_err(err("special registers"))?;
+    let xsave = fd.get_xsave().map_err(err("XSAVE"))?;
+    let xcrs = fd.get_xcrs().map_err(err("XCRs"))?;
+    let debug_regs = fd.get_debug_regs().map_err(err("debug registers"))?;
+    let lapic = fd.get_lapic().map_err(err("LAPIC"))?;
+    let tsc_khz = fd.get_tsc_khz().ok();
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(err("CPUID"))?
+        .as_slice()
+        .to_vec();
+    let msrs = read_msrs(fd, index, msr_list)?;
+    let vcpu_events = fd.get_vcpu_events().map_err(err("vCPU events"))?;
+    Ok(VcpuState {
+        cpuid,
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debug_regs,
+        lapic,
+        msrs,
+        vcpu_events,
+        tsc_khz,
+    })
+}
+
+/// Reads `list` in chunks. KVM stops at the first MSR it cannot read: that one is skipped
+/// (logged) and reading goes on after it.
+fn read_msrs(fd: &VcpuFd, index: u8, list: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
+    const CHUNK: usize = 64;
+    let mut out = Vec::with_capacity(list.len());
+    let mut rest = list;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(CHUNK)];
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).expect("at most 64 entries");
+        let read = fd.get_msrs(&mut msrs).map_err(|source| VcpuError::Save {
+            index,
+            what: "MSRs",
+            source,
+        })?;
+        out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
+        if read < chunk.len() {
+            tracing::debug!(vcpu = index, msr = chunk[read], "MSR not readable; not saved");
+            rest = &rest[read + 1..];
+        } else {
+            rest = &rest[chunk.len()..];
+        }
+    }
+    Ok(out)
+}
+
+/// Puts a saved state into a fresh vCPU, in the order KVM needs: CPUID before anything that
+/// depends on features, registers before events (setting registers clears pending
+/// exceptions), special registers before the LAPIC (they hold the APIC base), the LAPIC
+/// before the MSRs (TSC deadline), and every saved MSR accepted or an error.
+pub fn restore_state(fd: &VcpuFd, index: u8, state: &VcpuState) -> Result<(), VcpuError> {
+    let err = |what| move |source| VcpuError::Restore { index, what, source };
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Restore {
+        index,
+        what: "CPUID (too many entries)",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(err("CPUID"))?;
+    if let Some(khz) = state.tsc_khz {
+        set_tsc_khz_if_needed(fd, index, khz);
+    }
+    fd.set_mp_state(state.mp_state).map_err(err("MP state"))?;
+    fd.set_regs(&state.regs).map_err(err("registers"))?;
+    fd.set_sregs(&state.sregs).map_err(err("special registers"))?;
+    // SAFETY: `state.xsave` is a whole `kvm_xsave` (KVM_SET_XSAVE reads exactly that size;
+    // this CPU has no features that need the larger XSAVE2 layout, which KVM_GET_XSAVE would
+    // have failed for).
+    unsafe { fd.set_xsave(&state.xsave) }.map_err(err("XSAVE"))?;
+    fd.set_xcrs(&state.xcrs).map_err(err("XCRs"))?;
+    fd.set_debug_regs(&state.debug_regs)
+        .map_err(err("debug registers"))?;
+    fd.set_lapic(&state.lapic).map_err(err("LAPIC"))?;
+    for chunk in state.msrs.chunks(64) {
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).expect("at most 64 entries");
+        let set = fd.set_msrs(&msrs).map_err(err("MSRs"))?;
+        if set < chunk.len() {
+            return Err(VcpuError::MsrRefused {
+                index,
+                msr: chunk[set].0,
+            });
+        }
+    }
+    fd.set_vcpu_events(&state.vcpu_events)
+        .map_err(err("vCPU events"))?;
+    Ok(())
+}
+
+/// A snapshot taken on a host with another TSC frequency runs the guest's clocks too fast or
+/// too slow unless KVM scales the TSC; within 250 ppm it is left alone (the guest's NTP-level
+/// drift). Nested KVM may not scale: then the guest runs with the host's rate, logged.
+fn set_tsc_khz_if_needed(fd: &VcpuFd, index: u8, saved_khz: u32) {
+    let Ok(current) = fd.get_tsc_khz() else {
+        return;
+    };
+    let diff = u64::from(current.abs_diff(saved_khz));
+    if diff * 1_000_000 <= u64::from(saved_khz) * 250 {
+        return;
+    }
+    if let Err(e) = fd.set_tsc_khz(saved_khz) {
+        tracing::warn!(
+            vcpu = index,
+            saved_khz,
+            host_khz = current,
+            error = %e,
+            "cannot scale the TSC to the snapshot's frequency; guest clocks will drift"
+        );
+    }
 }
 
 /// MSRs a 64-bit Linux entry expects to find in a sane state.
@@ -188,6 +387,8 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
     commands: mpsc::Sender<VcpuCommand>,
     acks: mpsc::Receiver<VcpuCommand>,
+    states: mpsc::Receiver<Result<VcpuState, VcpuError>>,
+    paused_at_start: bool,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -204,17 +405,38 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
 }
 
-/// Starts the thread that runs `fd`. It begins running the guest at once.
+/// What a vCPU thread needs besides its fd.
+#[derive(Debug, Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exits: Arc<ExitNotifier>,
+    pub seccomp: Option<crate::seccomp::DenyAction>,
+    /// The MSRs a snapshot saves ([`msrs_to_save`]).
+    pub msr_list: Arc<Vec<u32>>,
+}
+
+/// Starts the thread that runs `fd`: it runs the guest at once, or, with `start_paused`,
+/// waits for a Resume first (a restored VM that was not asked to resume).
 pub fn spawn(
     index: u8,
     mut fd: VcpuFd,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    exits: Arc<ExitNotifier>,
-    seccomp: Option<crate::seccomp::DenyAction>,
+    context: VcpuContext,
+    start_paused: bool,
 ) -> Result<VcpuHandle, VcpuError> {
+    let VcpuContext {
+        pio,
+        mmio,
+        exits,
+        seccomp,
+        msr_list,
+    } = context;
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (ack_tx, ack_rx) = mpsc::channel();
+    let (state_tx, state_rx) = mpsc::channel();
+    if start_paused {
+        let _ = cmd_tx.send(VcpuCommand::Pause);
+    }
     let span = tracing::Span::current();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
@@ -232,18 +454,27 @@ pub fn spawn(
                 mmio,
                 commands: cmd_rx,
                 acks: ack_tx,
+                states: state_tx,
+                msr_list,
             };
             if let Some(exit) = runner.run(&mut fd) {
                 exits.report(exit);
             }
         })
         .map_err(|source| VcpuError::Spawn { index, source })?;
-    Ok(VcpuHandle {
+    let handle = VcpuHandle {
         index,
         thread: Some(thread),
         commands: cmd_tx,
         acks: ack_rx,
-    })
+        states: state_rx,
+        paused_at_start: start_paused,
+    };
+    if start_paused {
+        // The Pause queued above is acknowledged before the guest runs an instruction.
+        handle.wait_ack(VcpuCommand::Pause, Duration::from_secs(2))?;
+    }
+    Ok(handle)
 }
 
 impl VcpuHandle {
@@ -253,6 +484,26 @@ impl VcpuHandle {
             // The thread has ended: it is as paused or stopped as it will ever be.
             return Ok(());
         }
+        self.wait_ack(command, timeout)
+    }
+
+    /// Whether the thread was started paused (and has not been told anything since).
+    pub fn started_paused(&self) -> bool {
+        self.paused_at_start
+    }
+
+    /// The vCPU's state, read on its own thread; it must be paused.
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        if self.commands.send(VcpuCommand::SaveState).is_err() {
+            return Err(VcpuError::NotPaused(self.index));
+        }
+        match self.states.recv_timeout(timeout) {
+            Ok(state) => state,
+            Err(_) => Err(VcpuError::NoAnswer(self.index, VcpuCommand::SaveState)),
+        }
+    }
+
+    fn wait_ack(&self, command: VcpuCommand, timeout: Duration) -> Result<(), VcpuError> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(thread) = &self.thread {
@@ -271,11 +522,17 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops the thread and waits for it to end.
+    /// Stops the thread and waits for it to end. A thread that does not answer (stuck in a
+    /// guest page fault that nobody serves any more, e.g. after the page server died) is left
+    /// behind: the process is about to exit, and joining it would hang.
     pub fn stop(&mut self) {
-        let _ = self.command(VcpuCommand::Stop, Duration::from_secs(2));
+        let answered = self.command(VcpuCommand::Stop, Duration::from_secs(2));
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            if answered.is_ok() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!(vcpu = self.index, "vCPU thread did not stop; left behind");
+            }
         }
     }
 }
@@ -286,6 +543,8 @@ struct Runner {
     mmio: Arc<Bus>,
     commands: mpsc::Receiver<VcpuCommand>,
     acks: mpsc::Sender<VcpuCommand>,
+    states: mpsc::Sender<Result<VcpuState, VcpuError>>,
+    msr_list: Arc<Vec<u32>>,
 }
 
 enum Control {
@@ -325,6 +584,9 @@ impl Runner {
                     let _ = self.acks.send(VcpuCommand::Stop);
                     return Control::Stop;
                 }
+                VcpuCommand::SaveState => {
+                    let _ = self.states.send(Err(VcpuError::NotPaused(self.index)));
+                }
                 VcpuCommand::Pause => {
                     // Tell the guest's kvmclock it was paused, so its watchdogs do not count
                     // the pause as a lockup (EINVAL when the guest does not use kvmclock).
@@ -333,11 +595,17 @@ impl Runner {
                     loop {
                         match self.commands.recv() {
                             Ok(VcpuCommand::Resume) => {
+                                // Again after a restore, whose clock jumped across the pause.
+                                let _ = fd.kvmclock_ctrl();
                                 let _ = self.acks.send(VcpuCommand::Resume);
                                 break;
                             }
                             Ok(VcpuCommand::Pause) => {
                                 let _ = self.acks.send(VcpuCommand::Pause);
+                            }
+                            Ok(VcpuCommand::SaveState) => {
+                                let state = save_state(fd, self.index, &self.msr_list);
+                                let _ = self.states.send(state);
                             }
                             Ok(VcpuCommand::Stop) | Err(_) => {
                                 let _ = self.acks.send(VcpuCommand::Stop);

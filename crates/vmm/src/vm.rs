@@ -2,8 +2,9 @@
 //! wired to interrupts (irqfd) and doorbells (ioeventfd).
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
-    kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_clock_data,
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend as _, GuestMemoryRegion as _};
@@ -31,18 +32,33 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// The VM-wide state KVM keeps outside guest memory and the vCPUs: the interrupt controllers,
+/// the PIT and the kvmclock.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+}
+
 /// A VM with its memory registered. Field order matters: the VM fd closes before the memory
 /// it points into is unmapped.
 #[derive(Debug)]
 pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
+    msr_list: Vec<u32>,
+    track_dirty_pages: bool,
     mem: GuestMemory,
     _kvm: Kvm,
 }
 
 impl Vm {
-    pub fn new(mem: GuestMemory) -> Result<Self, VmError> {
+    /// Creates the VM over `mem`; with `track_dirty_pages`, KVM logs the pages the guest
+    /// writes (for Diff snapshots).
+    pub fn new(mem: GuestMemory, track_dirty_pages: bool) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
         fd.set_tss_address(TSS_ADDRESS)
@@ -59,7 +75,11 @@ impl Vm {
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: u32::try_from(slot).expect("two regions at most"),
-                flags: 0,
+                flags: if track_dirty_pages {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -73,12 +93,98 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported CPUID"))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("get MSR index list"))?
+            .as_slice()
+            .to_vec();
         Ok(Self {
             fd,
             supported_cpuid,
+            msr_list: crate::vcpu::msrs_to_save(&msr_list),
+            track_dirty_pages,
             mem,
             _kvm: kvm,
         })
+    }
+
+    /// The MSRs a vCPU snapshot saves.
+    pub fn msr_list(&self) -> &[u32] {
+        &self.msr_list
+    }
+
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages
+    }
+
+    /// The pages the guest wrote since the last call (or since the memory was registered), one
+    /// bitmap per memory region (bit i of word j = page 64*j + i of the region). KVM clears
+    /// its log as it hands it over.
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        self.mem
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let len = usize::try_from(region.len()).expect("x86_64: u64 fits in usize");
+                self.fd
+                    .get_dirty_log(u32::try_from(slot).expect("two regions at most"), len)
+                    .map_err(kvm_err("get dirty log"))
+            })
+            .collect()
+    }
+
+    /// Reads the interrupt controllers, PIT and clock (the vCPUs are paused).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let pit = self.fd.get_pit2().map_err(kvm_err("get PIT"))?;
+        let mut clock = self.fd.get_clock().map_err(kvm_err("get clock"))?;
+        // Only the value carries over; the flags describe this host's clock source.
+        clock.flags = 0;
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut chip = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(kvm_err("get irqchip"))?;
+            Ok(chip)
+        };
+        Ok(VmState {
+            pit,
+            clock,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Puts saved VM state back, in KVM's order: PIT, clock (kvmclock continues from the
+    /// saved value: guest time does not jump over the pause; the host agent sets the wall
+    /// clock), then the three irqchips.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("set PIT"))?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            flags: 0,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(kvm_err("set clock"))?;
+        for (chip, id) in [
+            (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != id {
+                return Err(VmError::Kvm {
+                    what: "set irqchip (the snapshot's chip ids are out of order)",
+                    source: kvm_ioctls::Error::new(libc::EINVAL),
+                });
+            }
+            self.fd.set_irqchip(chip).map_err(kvm_err("set irqchip"))?;
+        }
+        Ok(())
     }
 
     pub fn memory(&self) -> &GuestMemory {

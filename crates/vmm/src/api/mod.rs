@@ -11,7 +11,8 @@ pub mod server;
 
 use models::{
     ActionType, BootSource, Drive, Entropy, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterface, SerialConfig, VmState, Vsock,
+    MetricsConfig, NetworkInterface, SerialConfig, SnapshotCreateParams, SnapshotLoadParams,
+    VmState, Vsock,
 };
 
 /// A decoded request for the VMM thread.
@@ -41,6 +42,10 @@ pub enum ApiRequest {
     PutMetrics(MetricsConfig),
     Action(ActionType),
     PatchVm(VmState),
+    /// `PUT /snapshot/create`
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// The VMM thread's answer.

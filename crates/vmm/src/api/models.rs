@@ -91,6 +91,19 @@ pub struct Drive {
     pub io_engine: Option<IoEngine>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<serde_json::Value>,
+    /// Wrenn: the drive reads through a store's layers (the disk header of `build_id`), and
+    /// `path_on_host` is its private overlay (created sparse if missing): the base image and
+    /// the layers are never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<DriveLayers>,
+}
+
+/// Where a layered drive's layers are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveLayers {
+    pub store: String,
+    pub build_id: String,
 }
 
 /// `Unsafe` ignores the guest's flushes; `Writeback` offers VIRTIO_BLK_F_FLUSH and fsyncs.
@@ -204,6 +217,107 @@ pub struct VmStateUpdate {
 pub enum VmState {
     Paused,
     Resumed,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Where the VM state goes (with `layers`: defaults to the build's `vmstate`).
+    #[serde(default)]
+    pub snapshot_path: Option<String>,
+    /// Where guest memory goes (without `layers`).
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// Firecracker's target version: accepted, ignored (there is one format).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Wrenn: write the snapshot as a build of a layered store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<LayersParams>,
+}
+
+/// A build of a layered store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayersParams {
+    pub store: String,
+    /// 32 hex digits.
+    pub build_id: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    #[serde(default)]
+    pub snapshot_path: Option<String>,
+    /// Deprecated by Firecracker in favour of `mem_backend` (a File backend).
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: Option<bool>,
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default)]
+    pub resume_vm: Option<bool>,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Wrenn: the path of every drive (snapshots name no host paths).
+    #[serde(default)]
+    pub drive_overrides: Vec<DriveOverride>,
+    /// Wrenn: restore a build of a layered store.
+    #[serde(default)]
+    pub layers: Option<LayersParams>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    /// File: the memory file; Uffd: the page server's unix socket.
+    #[serde(default)]
+    pub backend_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    pub drive_id: String,
+    pub path_on_host: String,
 }
 
 /// `GET /`.

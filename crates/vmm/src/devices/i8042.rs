@@ -4,6 +4,9 @@
 //! VM) and Ctrl+Alt+Del (the VMM types the key combination so that the guest's init can shut
 //! down cleanly). Enough of the controller and keyboard protocol is modelled for Linux's
 //! i8042 and atkbd drivers to probe a keyboard; the aux (mouse) port does not exist.
+//!
+//! Snapshots keep the controller's registers, a half-written command and the bytes waiting
+//! for the guest ([`I8042State`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,6 +14,7 @@ use std::sync::Arc;
 use crate::devices::bus::BusDevice;
 use crate::devices::serial::IrqLine;
 use crate::lifecycle::{ExitNotifier, VmExit};
+use crate::virtio::persist::PersistError;
 use vm_superio::Trigger;
 
 const DATA_PORT: u64 = 0;
@@ -58,6 +62,23 @@ const CTRL_ALT_DEL_LEN: usize = 11;
 /// Bounded so that a guest that never reads cannot make it grow.
 const BUFFER_LIMIT: usize = 64;
 
+/// The controller as a snapshot keeps it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub status: u8,
+    pub control: u8,
+    pub output_port: u8,
+    /// A controller command waiting for its data byte.
+    pub pending_command: Option<u8>,
+    /// A keyboard command waiting for its argument.
+    pub kbd_expects_arg: bool,
+    /// Bytes the guest has not read yet, oldest first; at most [`I8042_BUFFER_LIMIT`].
+    pub buffer: Vec<u8>,
+}
+
+/// Most bytes the output buffer holds.
+pub const I8042_BUFFER_LIMIT: usize = BUFFER_LIMIT;
+
 pub struct I8042 {
     status: u8,
     control: u8,
@@ -93,6 +114,41 @@ impl I8042 {
             irq,
             exits,
         }
+    }
+
+    pub fn save_state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output_port: self.output_port,
+            pending_command: self.pending_command,
+            kbd_expects_arg: self.kbd_expects_arg,
+            buffer: self.buffer.iter().copied().collect(),
+        }
+    }
+
+    /// Puts a saved controller back; if bytes were waiting, the guest is interrupted again
+    /// (when it enabled the interrupt), as it was for them before the snapshot.
+    pub fn restore_state(&mut self, state: &I8042State) -> Result<(), PersistError> {
+        if state.buffer.len() > BUFFER_LIMIT {
+            return Err(PersistError::invalid(
+                "i8042",
+                "buffer",
+                format!(
+                    "{} bytes; the controller holds {BUFFER_LIMIT}",
+                    state.buffer.len()
+                ),
+            ));
+        }
+        self.status = state.status;
+        self.control = state.control;
+        self.output_port = state.output_port;
+        self.pending_command = state.pending_command;
+        self.kbd_expects_arg = state.kbd_expects_arg;
+        self.buffer = state.buffer.iter().copied().collect();
+        // OUT_FULL follows the buffer, and a waiting byte gets its interrupt again.
+        self.update_output();
+        Ok(())
     }
 
     /// Types Ctrl+Alt+Del. Fails when the guest has not drained earlier keys (or has no
@@ -273,6 +329,45 @@ mod tests {
         dev.write(DATA_PORT, &[0xff]);
         assert_eq!(read(&mut dev, DATA_PORT), KBD_ACK);
         assert_eq!(read(&mut dev, DATA_PORT), KBD_SELF_TEST_OK);
+    }
+
+    #[test]
+    fn test_i8042_state_round_trip_keeps_command_and_waiting_bytes() {
+        let (mut dev, _rx, _) = device();
+        dev.write(COMMAND_PORT, &[CMD_WRITE_CTR]);
+        dev.write(DATA_PORT, &[CB_KBD_INT | CB_POST_OK]);
+        dev.write(DATA_PORT, &[0xf2]); // identify: ACK, 0xab, 0x83 wait
+        assert_eq!(read(&mut dev, DATA_PORT), KBD_ACK);
+        dev.write(COMMAND_PORT, &[CMD_WRITE_OUTP]); // its data byte comes after the restore
+        let state = dev.save_state();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: I8042State = serde_json::from_str(&json).unwrap();
+        assert_eq!(state.buffer, vec![0xab, 0x83]);
+        assert_eq!(state.pending_command, Some(CMD_WRITE_OUTP));
+
+        let (mut restored, rx, irq) = device();
+        restored.restore_state(&state).unwrap();
+        assert_eq!(restored.save_state(), state);
+        assert!(irq.read().unwrap() >= 1, "waiting bytes interrupt again");
+        assert_ne!(read(&mut restored, COMMAND_PORT) & SB_OUT_FULL, 0);
+        assert_eq!(read(&mut restored, DATA_PORT), 0xab);
+        assert_eq!(read(&mut restored, DATA_PORT), 0x83);
+        assert_eq!(read(&mut restored, COMMAND_PORT) & SB_OUT_FULL, 0);
+        // The half-written command completes: bit 0 low resets the machine.
+        restored.write(DATA_PORT, &[0x00]);
+        assert_eq!(rx.try_recv().unwrap(), VmExit::Reset);
+    }
+
+    #[test]
+    fn test_i8042_restore_overfull_buffer_is_an_error_and_changes_nothing() {
+        let (mut dev, _rx, _) = device();
+        let mut state = dev.save_state();
+        state.control = 0;
+        state.buffer = vec![0; BUFFER_LIMIT + 1];
+        let err = dev.restore_state(&state).unwrap_err();
+        assert!(err.to_string().contains("i8042"), "{err}");
+        assert!(err.to_string().contains("buffer"), "{err}");
+        assert_eq!(dev.save_state().control, CB_POST_OK | CB_KBD_INT);
     }
 
     #[test]

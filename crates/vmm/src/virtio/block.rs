@@ -54,6 +54,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::persist::{self, DeviceKindState, PersistError, QueueState, VirtioDeviceState};
 use super::queue::serve_queue;
 use super::{
     ActivateError, Activation, Interrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -774,11 +775,59 @@ impl VirtioDevice for Block {
         self.acked_features = 0;
         self.disk.write_through = false;
     }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        let queues = self
+            .active
+            .as_ref()
+            .map(|active| vec![QueueState::from(&active.queue)])
+            .unwrap_or_default();
+        let kind = DeviceKindState::Block {
+            read_only: self.disk.read_only,
+            capacity_sectors: self.disk.capacity_sectors,
+        };
+        persist::device_state(self, queues, kind)
+    }
+
+    /// Besides the generic checks, the drive must look to the guest as it did: same size and
+    /// same writability (the guest has read both).
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), PersistError> {
+        let name = format!("block {}", self.id);
+        if let DeviceKindState::Block {
+            read_only,
+            capacity_sectors,
+        } = state.kind
+        {
+            if read_only != self.disk.read_only {
+                return Err(PersistError::Changed {
+                    device: name,
+                    field: "read_only",
+                    saved: read_only.to_string(),
+                    now: self.disk.read_only.to_string(),
+                });
+            }
+            if capacity_sectors != self.disk.capacity_sectors {
+                return Err(PersistError::Changed {
+                    device: name,
+                    field: "capacity_sectors",
+                    saved: capacity_sectors.to_string(),
+                    now: self.disk.capacity_sectors.to_string(),
+                });
+            }
+        }
+        persist::restore_device(self, &name, state, mem, interrupt)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::persist::testing::transport_queue;
     use crate::virtio::testing::{USED_RING, desc, device_queue, used, used_idx};
 
     use std::io::Write;
@@ -866,7 +915,7 @@ mod tests {
         block
             .activate(Activation {
                 mem: mem.clone(),
-                queues: vec![device_queue(vq)],
+                queues: vec![transport_queue(vq, QUEUE_SIZE)],
                 interrupt: interrupt.clone(),
             })
             .unwrap();
@@ -1506,6 +1555,115 @@ mod tests {
         .unwrap();
         mem.read_slice(&mut got, d2.addr()).unwrap();
         assert_eq!(&got, b"0123456789abcdef");
+    }
+
+    #[test]
+    fn test_block_read_into_guest_memory_marks_the_pages_dirty() {
+        use crate::virtio::persist::testing::{clear_dirty, is_dirty};
+        let disk = TestDisk::new(512 * DISK_SECTORS);
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let (mut block, _) = active_block(&disk, &mem, &vq, true, CacheType::Unsafe);
+        // 8 KiB over two pages, the second in the next memory region.
+        post(
+            &mem,
+            &vq,
+            0,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[(0x1_f000, 0x1000, WRITE), (0x2_0000, 0x1000, WRITE)],
+        );
+        clear_dirty(&mem);
+        block.process_queue();
+        assert_eq!(request_status(&mem, 0), OK);
+        assert!(is_dirty(&mem, 0x1_f000), "pread's bytes are not tracked");
+        assert!(is_dirty(&mem, 0x2_0fff));
+        assert!(!is_dirty(&mem, 0x2_1000), "a page nobody wrote is clean");
+    }
+
+    fn block_state(block: &Block) -> VirtioDeviceState {
+        let json = serde_json::to_string(&block.save_state()).unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn test_block_snapshot_restore_on_copied_memory_continues_io() {
+        use crate::virtio::persist::testing::copy_guest_memory;
+
+        let disk = TestDisk::new(512 * DISK_SECTORS);
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let (mut block, _) = active_block(&disk, &mem, &vq, false, CacheType::Writeback);
+        mem.write_slice(&[0x5a; 512], GuestAddress(0x1_0000))
+            .unwrap();
+        post(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 3, &[(0x1_0000, 512, 0)]);
+        block.process_queue();
+        assert_eq!(request_status(&mem, 0), OK);
+        let state = block_state(&block);
+        drop(block);
+        assert_eq!(state.queues[0].next_used, 1);
+
+        let copy = memory();
+        let vq = MockSplitQueue::new(&copy, 16);
+        copy_guest_memory(&mem, &copy);
+        let mut restored = Block::new(&disk.drive(false, CacheType::Writeback)).unwrap();
+        let interrupt = Arc::new(Interrupt::new().unwrap());
+        restored
+            .restore_state(&state, copy.clone(), interrupt.clone())
+            .unwrap();
+        assert!(restored.is_activated());
+        assert_eq!(restored.acked_features(), state.acked_features);
+
+        // Read back what was written before the snapshot.
+        post(&copy, &vq, 4, VIRTIO_BLK_T_IN, 3, &[(0x3_0000, 512, WRITE)]);
+        restored.process_queue();
+        assert_eq!(used_idx(&copy), 2);
+        assert_eq!(used(&copy, 1), (4, 513));
+        assert_eq!(request_status(&copy, 4), OK);
+        let mut back = [0u8; 512];
+        copy.read_slice(&mut back, GuestAddress(0x3_0000)).unwrap();
+        assert_eq!(back, [0x5a; 512]);
+        assert_eq!(interrupt.irqfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn test_block_restore_onto_a_drive_configured_otherwise_is_refused() {
+        let disk = TestDisk::new(512 * DISK_SECTORS);
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let (ro, _) = active_block(&disk, &mem, &vq, true, CacheType::Unsafe);
+        let state = block_state(&ro);
+        drop(ro);
+        let interrupt = Arc::new(Interrupt::new().unwrap());
+
+        // Read-only then, writable now: the guest would not know it may write.
+        let mut rw = Block::new(&disk.drive(false, CacheType::Unsafe)).unwrap();
+        let err = rw
+            .restore_state(&state, mem.clone(), interrupt.clone())
+            .unwrap_err();
+        assert!(err.to_string().contains("block rootfs"), "{err}");
+        assert!(err.to_string().contains("read_only"), "{err}");
+        assert!(!rw.is_activated());
+
+        // Flush offered then, not now: features changed under the driver.
+        let wb_disk = TestDisk::new(512 * DISK_SECTORS);
+        let (wb, _) = active_block(&wb_disk, &mem, &vq, false, CacheType::Writeback);
+        let state = block_state(&wb);
+        drop(wb);
+        let mut unsafe_cache = Block::new(&wb_disk.drive(false, CacheType::Unsafe)).unwrap();
+        let err = unsafe_cache
+            .restore_state(&state, mem.clone(), interrupt.clone())
+            .unwrap_err();
+        assert!(
+            matches!(err, PersistError::NotOffered { missing, .. } if missing == feature(VIRTIO_BLK_F_FLUSH)),
+            "{err:?}"
+        );
+
+        // Another disk size.
+        let bigger = TestDisk::new(512 * (DISK_SECTORS + 8));
+        let mut other = Block::new(&bigger.drive(false, CacheType::Writeback)).unwrap();
+        let err = other.restore_state(&state, mem, interrupt).unwrap_err();
+        assert!(err.to_string().contains("capacity_sectors"), "{err}");
     }
 
     proptest! {

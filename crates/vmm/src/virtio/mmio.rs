@@ -37,6 +37,11 @@
 //! the driver is recorded and nothing else happens until it writes 0.
 //!
 //! 32-bit registers take only 4-byte accesses; other widths read as zero and write nothing.
+//!
+//! Snapshots: [`MmioTransport::save_state`] keeps the registers as the driver left them,
+//! InterruptStatus and the device's state; [`MmioTransport::restore_state`] puts them back on a
+//! freshly built transport, refusing anything register writes could not have produced, and
+//! raises the interrupt line again when InterruptStatus had bits the guest had not handled.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -46,8 +51,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::{MmioQueueState, MmioTransportState, PersistError};
 use super::{
-    ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+    ActivateError, Activation, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING, Interrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, type_name,
 };
 use crate::devices::bus::{BusDevice, lock};
 use crate::diag::{LogLimiter, error_chain};
@@ -153,6 +160,17 @@ impl QueueRegisters {
             desc_table: 0,
             avail_ring: 0,
             used_ring: 0,
+        }
+    }
+
+    fn save(&self) -> MmioQueueState {
+        MmioQueueState {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
         }
     }
 
@@ -280,6 +298,187 @@ impl MmioTransport {
     /// The Status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The registers, InterruptStatus and (under its lock) the device's state, for a snapshot.
+    /// Called with the vCPUs paused, so no register access is in flight.
+    pub fn save_state(&self) -> MmioTransportState {
+        MmioTransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(QueueRegisters::save).collect(),
+            interrupt_status: self.interrupt.status(),
+            device: lock(&self.device).save_state(),
+        }
+    }
+
+    /// Restores a saved transport onto this freshly built one (same slot, same kind of
+    /// device): checks the registers, restores the device (see
+    /// [`VirtioDevice::restore_state`]), then the registers, then InterruptStatus, raising the
+    /// interrupt line again if a bit was pending. On error nothing of the transport changed.
+    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), PersistError> {
+        self.check_state(state)?;
+        lock(&self.device).restore_state(
+            &state.device,
+            self.mem.clone(),
+            self.interrupt.clone(),
+        )?;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        for (regs, saved) in self.queues.iter_mut().zip(&state.queues) {
+            *regs = QueueRegisters {
+                max_size: regs.max_size,
+                size: saved.size,
+                ready: saved.ready,
+                desc_table: saved.desc_table,
+                avail_ring: saved.avail_ring,
+                used_ring: saved.used_ring,
+            };
+        }
+        // OR-ed in: the device may have raised bits of its own while being restored.
+        self.interrupt
+            .restore_status(state.interrupt_status)
+            .map_err(|source| PersistError::Interrupt {
+                device: self.name(),
+                source,
+            })?;
+        debug!(
+            device_type = self.device_type,
+            status = self.status,
+            "virtio-mmio transport restored"
+        );
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        format!("virtio-mmio {}", type_name(self.device_type))
+    }
+
+    /// The transport-level checks: everything a register write could not have produced is
+    /// refused, as is a state that does not go with the device behind it.
+    fn check_state(&self, state: &MmioTransportState) -> Result<(), PersistError> {
+        let name = self.name();
+        let invalid = |field: &str, reason: String| PersistError::invalid(&name, field, reason);
+        if self.status != 0 {
+            return Err(invalid(
+                "status",
+                format!(
+                    "this transport is in use (status {:#x}); restore needs a fresh one",
+                    self.status
+                ),
+            ));
+        }
+        if state.device.device_type != self.device_type {
+            return Err(PersistError::DeviceType {
+                device: name,
+                saved_type: state.device.device_type,
+                saved: type_name(state.device.device_type),
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(invalid(
+                "queues",
+                format!(
+                    "{} saved; the device has {}",
+                    state.queues.len(),
+                    self.queues.len()
+                ),
+            ));
+        }
+        for (index, (saved, regs)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != regs.max_size {
+                return Err(invalid(
+                    &format!("queues[{index}].max_size"),
+                    format!(
+                        "{} saved; the device's queue holds {}",
+                        saved.max_size, regs.max_size
+                    ),
+                ));
+            }
+        }
+        let status = state.status;
+        let known = STATUS_STAGES.iter().fold(0, |acc, bit| acc | bit)
+            | STATUS_DEVICE_NEEDS_RESET
+            | STATUS_FAILED;
+        if status & !known != 0 {
+            return Err(invalid(
+                "status",
+                format!("{status:#x} has bits no driver can set"),
+            ));
+        }
+        // Stages are set in order: the ones present form a prefix.
+        let mut before = true;
+        for stage in STATUS_STAGES {
+            let set = status & stage != 0;
+            if set && !before {
+                return Err(invalid(
+                    "status",
+                    format!("{status:#x} skips an initialisation stage"),
+                ));
+            }
+            before = set;
+        }
+        if status & STATUS_DEVICE_NEEDS_RESET != 0 && status & STATUS_DRIVER_OK == 0 {
+            return Err(invalid(
+                "status",
+                format!("{status:#x}: DEVICE_NEEDS_RESET is only set at DRIVER_OK"),
+            ));
+        }
+        let offered = lock(&self.device).avail_features();
+        let not_offered = state.driver_features & !offered;
+        if not_offered != 0 {
+            return Err(PersistError::NotOffered {
+                device: name,
+                field: "driver_features",
+                value: state.driver_features,
+                missing: not_offered,
+            });
+        }
+        if status & STATUS_FEATURES_OK != 0 && state.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(invalid(
+                "driver_features",
+                "FEATURES_OK is set without VIRTIO_F_VERSION_1".into(),
+            ));
+        }
+        // The device's acked features are the driver's, from FEATURES_OK on.
+        let acked = if status & STATUS_FEATURES_OK != 0 {
+            state.driver_features
+        } else {
+            0
+        };
+        if state.device.acked_features != acked {
+            return Err(invalid(
+                "device.acked_features",
+                format!(
+                    "{:#x} does not match what the driver accepted ({acked:#x})",
+                    state.device.acked_features
+                ),
+            ));
+        }
+        let runs = status & STATUS_DRIVER_OK != 0 && status & STATUS_DEVICE_NEEDS_RESET == 0;
+        if state.device.activated != runs {
+            return Err(invalid(
+                "device.activated",
+                format!(
+                    "{} does not go with status {status:#x}",
+                    state.device.activated
+                ),
+            ));
+        }
+        let interrupt_bits = INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE;
+        if state.interrupt_status & !interrupt_bits != 0 {
+            return Err(invalid(
+                "interrupt_status",
+                format!("{:#x} has bits no device raises", state.interrupt_status),
+            ));
+        }
+        Ok(())
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
@@ -617,9 +816,15 @@ mod tests {
     use super::*;
     use crate::virtio::queue::{MAX_SERVE_ROUNDS, serve_queue};
 
-    use event_manager::{EventOps, Events, MutEventSubscriber};
+    use crate::virtio::persist::testing::{arb_device_state, copy_guest_memory};
+    use crate::virtio::persist::{DeviceKindState, QueueState, VirtioDeviceState};
+    use crate::virtio::rng::Rng;
+    use crate::virtio::testing::{USED_RING, desc, used, used_idx};
+
+    use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
     use proptest::prelude::*;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Bytes;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// A device that records what the transport does to it.
@@ -716,7 +921,28 @@ mod tests {
             self.active = false;
             self.acked = 0;
         }
+        fn save_state(&self) -> VirtioDeviceState {
+            let queues = self
+                .activations
+                .last()
+                .map(|queues| queues.iter().map(QueueState::from).collect())
+                .unwrap_or_default();
+            crate::virtio::persist::device_state(self, queues, FAKE_KIND)
+        }
+        fn restore_state(
+            &mut self,
+            state: &VirtioDeviceState,
+            mem: GuestMemory,
+            interrupt: Arc<Interrupt>,
+        ) -> Result<(), PersistError> {
+            crate::virtio::persist::restore_device(self, "fake", state, mem, interrupt)
+        }
     }
+
+    const FAKE_KIND: DeviceKindState = DeviceKindState::Block {
+        read_only: false,
+        capacity_sectors: 0,
+    };
 
     fn memory() -> GuestMemory {
         GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
@@ -963,10 +1189,7 @@ mod tests {
         driver_ok(&mut t);
         assert!(dev.lock().unwrap().activations.is_empty());
         assert_ne!(t.status() & STATUS_DEVICE_NEEDS_RESET, 0);
-        assert_eq!(
-            rd(&mut t, reg::INTERRUPT_STATUS),
-            super::super::INTERRUPT_CONFIG_CHANGE
-        );
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INTERRUPT_CONFIG_CHANGE);
         assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
     }
 
@@ -1153,10 +1376,7 @@ mod tests {
         let mut got = [0u8; 64];
         mem.read_slice(&mut got, buf).unwrap();
         assert_ne!(got, [0u8; 64], "64 random bytes are not all zero");
-        assert_eq!(
-            rd(&mut t, reg::INTERRUPT_STATUS),
-            super::super::INTERRUPT_USED_RING
-        );
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INTERRUPT_USED_RING);
         assert!(t.interrupt().irqfd().read().unwrap() >= 1);
     }
 
@@ -1208,6 +1428,313 @@ mod tests {
             "one interrupt for it all"
         );
         assert_eq!(queue.next_used(), u16::try_from(served).unwrap());
+    }
+
+    type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    /// A transport with a real entropy device, registered with an event loop.
+    fn rng_transport(mem: &GuestMemory) -> (MmioTransport, Arc<Mutex<Rng>>, Loop) {
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let t = MmioTransport::new(rng.clone(), mem.clone()).unwrap();
+        let mut manager = Loop::new().unwrap();
+        manager.add_subscriber(rng.clone());
+        (t, rng, manager)
+    }
+
+    /// A driver that set the rng up on `vq` (used ring apart, at [`USED_RING`]).
+    fn drive_rng_up(t: &mut MmioTransport, vq: &MockSplitQueue<GuestMemory>) {
+        negotiate(t, u64::MAX);
+        setup_queue(t, 0, vq, 16);
+        wr(t, reg::QUEUE_DEVICE_LOW, u32::try_from(USED_RING).unwrap());
+        driver_ok(t);
+        assert_eq!(t.status(), ALL_STAGES);
+    }
+
+    fn post_random_request(mem: &GuestMemory, vq: &MockSplitQueue<GuestMemory>, head: u16) {
+        let write =
+            u16::try_from(virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE).unwrap();
+        let buf = 0x8000 + 0x100 * u64::from(head);
+        mem.write_slice(&[0u8; 32], GuestAddress(buf)).unwrap();
+        vq.add_desc_chains(&[desc(buf, 32, write, 0)], head)
+            .unwrap();
+    }
+
+    fn json_round_trip(state: &MmioTransportState) -> MmioTransportState {
+        serde_json::from_str(&serde_json::to_string(state).unwrap()).unwrap()
+    }
+
+    /// A running rng transport that served one request, saved.
+    fn saved_running_rng() -> (GuestMemory, MmioTransportState) {
+        let mem = memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let (mut t, _rng, mut manager) = rng_transport(&mem);
+        drive_rng_up(&mut t, &vq);
+        post_random_request(&mem, &vq, 0);
+        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while used_idx(&mem) != 1 && std::time::Instant::now() < deadline {
+            manager.run_with_timeout(50).unwrap();
+        }
+        assert_eq!(used_idx(&mem), 1);
+        (mem, json_round_trip(&t.save_state()))
+    }
+
+    #[test]
+    fn test_mmio_snapshot_restore_registers_survive_and_io_continues() {
+        let (mem, state) = saved_running_rng();
+        assert_eq!(state.status, ALL_STAGES);
+        assert_eq!(
+            state.interrupt_status, INTERRUPT_USED_RING,
+            "the guest had not acked the interrupt yet"
+        );
+        assert!(state.device.activated);
+        assert_eq!(state.device.queues[0].next_used, 1);
+
+        let copy = memory();
+        let vq = MockSplitQueue::create(&copy, GuestAddress(0x1000), 16);
+        copy_guest_memory(&mem, &copy);
+        // Posted while the VM was paused, before the snapshot was taken.
+        post_random_request(&copy, &vq, 1);
+        let (mut t, rng, mut manager) = rng_transport(&copy);
+        t.restore_state(&state).unwrap();
+
+        assert_eq!(t.save_state(), state, "restore then save is the identity");
+        assert_eq!(rd(&mut t, reg::STATUS), ALL_STAGES);
+        assert_eq!(rd(&mut t, reg::QUEUE_READY), 1);
+        assert_eq!(
+            rd(&mut t, reg::QUEUE_NUM_MAX),
+            u32::from(crate::virtio::rng::QUEUE_SIZE)
+        );
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INTERRUPT_USED_RING);
+        assert_eq!(
+            t.interrupt().irqfd().read().unwrap(),
+            1,
+            "interrupt raised again"
+        );
+        assert!(lock(&rng).is_activated());
+
+        // The device looks at its queue on its own and serves what was posted.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while used_idx(&copy) != 2 && std::time::Instant::now() < deadline {
+            manager.run_with_timeout(50).unwrap();
+        }
+        assert_eq!(used_idx(&copy), 2);
+        assert_eq!(used(&copy, 1), (1, 32));
+        let mut got = [0u8; 32];
+        copy.read_slice(&mut got, GuestAddress(0x8100)).unwrap();
+        assert_ne!(got, [0u8; 32]);
+        // And again after a resume's kick, with a buffer posted later.
+        post_random_request(&copy, &vq, 2);
+        lock(&rng).kick();
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(used_idx(&copy), 3);
+        assert_eq!(used_idx(&mem), 1, "the old memory is not touched");
+    }
+
+    #[test]
+    fn test_mmio_snapshot_mid_negotiation_lets_the_driver_carry_on() {
+        let mem = memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let (mut t, _rng, _manager) = rng_transport(&mem);
+        wr(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, reg::DRIVER_FEATURES, 1);
+        wr(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        let state = json_round_trip(&t.save_state());
+        assert!(!state.device.activated);
+        assert_eq!(state.interrupt_status, 0);
+
+        let (mut t, rng, _manager) = rng_transport(&mem);
+        t.restore_state(&state).unwrap();
+        assert_eq!(t.status(), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        assert_eq!(rd(&mut t, reg::DEVICE_FEATURES), 1, "bank 1 still selected");
+        assert!(t.interrupt().irqfd().read().is_err(), "nothing was pending");
+        // The driver finishes: the low bank, FEATURES_OK, the queue, DRIVER_OK.
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        wr(&mut t, reg::DRIVER_FEATURES, 0);
+        wr(
+            &mut t,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(
+            t.driver_features, VIRTIO_F_VERSION_1,
+            "the high bank survived"
+        );
+        setup_queue(&mut t, 0, &vq, 16);
+        driver_ok(&mut t);
+        assert_eq!(t.status(), ALL_STAGES);
+        assert!(lock(&rng).is_activated());
+    }
+
+    #[test]
+    fn test_mmio_restore_corrupted_state_is_an_error_and_changes_nothing() {
+        let (mem, good) = saved_running_rng();
+        type Corrupt = fn(&mut MmioTransportState);
+        let cases: [(&str, Corrupt); 12] = [
+            ("device type", |s| {
+                s.device.device_type = crate::virtio::TYPE_NET
+            }),
+            ("status bits", |s| s.status |= 0x20),
+            ("skipped stage", |s| s.status &= !STATUS_FEATURES_OK),
+            ("needs reset before DRIVER_OK", |s| {
+                s.status = STATUS_ACKNOWLEDGE | STATUS_DEVICE_NEEDS_RESET
+            }),
+            ("activated without DRIVER_OK", |s| {
+                s.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+            }),
+            ("driver feature not offered", |s| {
+                s.driver_features |= 1 << 40
+            }),
+            ("acked features differ", |s| {
+                s.device.acked_features = VIRTIO_F_VERSION_1
+            }),
+            ("queue registers missing", |s| s.queues.clear()),
+            ("queue max size", |s| s.queues[0].max_size = 64),
+            ("interrupt bits", |s| s.interrupt_status = 0x80),
+            ("queue size not a power of two", |s| {
+                s.device.queues[0].size = 24
+            }),
+            ("ring outside memory", |s| {
+                s.device.queues[0].avail_ring = 0x7fff_0000
+            }),
+        ];
+        for (what, corrupt) in cases {
+            let mut state = good.clone();
+            corrupt(&mut state);
+            let (mut t, rng, _manager) = rng_transport(&mem);
+            let Err(err) = t.restore_state(&state) else {
+                panic!("{what}: accepted");
+            };
+            assert!(err.to_string().contains("rng"), "{what}: {err}");
+            assert_eq!(t.status(), 0, "{what}");
+            assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0, "{what}");
+            assert!(!lock(&rng).is_activated(), "{what}");
+            // The good state still restores on the same transport.
+            t.restore_state(&good).unwrap();
+        }
+    }
+
+    #[test]
+    fn test_mmio_restore_onto_a_used_transport_is_refused() {
+        let (mem, state) = saved_running_rng();
+        let (mut t, _rng, _manager) = rng_transport(&mem);
+        wr(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE);
+        let err = t.restore_state(&state).unwrap_err();
+        assert!(err.to_string().contains("fresh"), "{err}");
+        assert_eq!(t.status(), STATUS_ACKNOWLEDGE);
+    }
+
+    fn arb_transport_state() -> impl Strategy<Value = MmioTransportState> {
+        let queue = (
+            prop_oneof![Just(256u16), any::<u16>()],
+            any::<u32>(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(max_size, size, ready, desc_table, avail_ring, used_ring)| MmioQueueState {
+                    max_size,
+                    size,
+                    ready,
+                    desc_table,
+                    avail_ring,
+                    used_ring,
+                },
+            );
+        (
+            prop_oneof![Just(ALL_STAGES), Just(0u32), 0u32..0x100, any::<u32>()],
+            any::<u32>(),
+            any::<u32>(),
+            prop_oneof![
+                Just(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX),
+                any::<u64>()
+            ],
+            any::<u32>(),
+            proptest::collection::vec(queue, 0..3),
+            prop_oneof![0u32..4, any::<u32>()],
+            arb_device_state(),
+        )
+            .prop_map(
+                |(
+                    status,
+                    device_features_sel,
+                    driver_features_sel,
+                    driver_features,
+                    queue_sel,
+                    queues,
+                    interrupt_status,
+                    device,
+                )| MmioTransportState {
+                    status,
+                    device_features_sel,
+                    driver_features_sel,
+                    driver_features,
+                    queue_sel,
+                    queues,
+                    interrupt_status,
+                    device,
+                },
+            )
+    }
+
+    proptest! {
+        /// Random states never panic. An accepted one reads back as saved; a refused one leaves
+        /// the transport fresh.
+        #[test]
+        fn test_mmio_restore_random_state_never_panics(state in arb_transport_state()) {
+            let mem = memory();
+            let (mut t, rng, _manager) = rng_transport(&mem);
+            match t.restore_state(&state) {
+                Ok(()) => {
+                    // The device reports what it offers now, which may be more than was saved.
+                    let mut expected = state.clone();
+                    expected.device.avail_features = lock(&rng).avail_features();
+                    prop_assert_eq!(t.save_state(), expected);
+                    prop_assert_eq!(lock(&rng).is_activated(), state.device.activated);
+                }
+                Err(_) => {
+                    prop_assert_eq!(t.status(), 0);
+                    prop_assert!(!lock(&rng).is_activated());
+                }
+            }
+            // The driver can always start over.
+            wr(&mut t, reg::STATUS, 0);
+            prop_assert_eq!(t.status(), 0);
+        }
+    }
+
+    proptest! {
+        // Each case runs a VM's worth of setup and an event loop.
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// A good state with one random device queue field still never panics.
+        #[test]
+        fn test_mmio_restore_mutated_queue_never_panics(
+            field in 0usize..6,
+            value in prop_oneof![0u64..0x10_0000, any::<u64>()],
+        ) {
+            let (mem, mut state) = saved_running_rng();
+            let q = &mut state.device.queues[0];
+            let v16 = u16::try_from(value & 0xffff).unwrap();
+            match field {
+                0 => q.size = v16,
+                1 => q.desc_table = value,
+                2 => q.avail_ring = value,
+                3 => q.used_ring = value,
+                4 => q.next_avail = v16,
+                _ => q.max_size = v16,
+            }
+            let (mut t, rng, mut manager) = rng_transport(&mem);
+            if t.restore_state(&state).is_ok() {
+                prop_assert!(lock(&rng).is_activated());
+                manager.run_with_timeout(0).unwrap();
+            } else {
+                prop_assert_eq!(t.status(), 0);
+            }
+        }
     }
 
     proptest! {

@@ -19,10 +19,12 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::memory::GuestMemory;
+use persist::{PersistError, VirtioDeviceState};
 
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod queue;
 pub mod rng;
 #[cfg(test)]
@@ -109,6 +111,15 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Restore: sets the InterruptStatus bits a snapshot saved and, if any, raises the line
+    /// again, so an interrupt the guest had not handled yet is not lost.
+    pub fn restore_status(&self, bits: u32) -> io::Result<()> {
+        if bits == 0 {
+            return Ok(());
+        }
+        self.raise(bits)
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK: guest memory, the queues as the driver
@@ -166,6 +177,33 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn metrics(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+    /// The device's state for a snapshot: features, whether it is activated, its queues as it
+    /// will resume them, and its device-specific part ([`persist::DeviceKindState`]).
+    ///
+    /// Called with the vCPUs paused, on the thread that runs the device's I/O, so nothing is in
+    /// flight. Changes nothing: the device carries on afterwards. A device that holds buffers
+    /// it took from an available ring but has not used yet (net RX) saves that queue's
+    /// `next_avail` as if it had not taken them, so the restored device takes them again.
+    fn save_state(&self) -> VirtioDeviceState;
+
+    /// Restores [`VirtioDevice::save_state`]'s result on a freshly built device of the same
+    /// configuration (host paths come from the load request, not the snapshot), before any
+    /// vCPU runs; `mem` already holds the guest memory of the snapshot and `interrupt` is the
+    /// transport's.
+    ///
+    /// The state is untrusted: it is checked against the device first (device type, features
+    /// the device offers now, queue sizes, rings inside `mem`, the device-specific part), and
+    /// on error the device is left as built. If the state was activated, the device is
+    /// activated on the saved queues exactly as the driver's DRIVER_OK would activate it
+    /// (backend polled, the queues looked at once), without the guest doing anything; a
+    /// later [`VirtioDevice::kick`] makes it look again.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), PersistError>;
+
     /// Makes the device look at its queues again, as if the guest had notified every one
     /// (after a resume, buffers may have been posted while the device was not looking).
     fn kick(&self) {

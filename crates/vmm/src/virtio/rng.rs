@@ -21,6 +21,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::persist::{self, DeviceKindState, PersistError, QueueState, VirtioDeviceState};
 use super::queue::serve_queue;
 use super::{
     ActivateError, Activation, Interrupt, TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -76,7 +77,7 @@ impl Rng {
     }
 
     /// Serves everything the driver has posted.
-    fn process_queue(&mut self) {
+    pub(crate) fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -265,11 +266,30 @@ impl VirtioDevice for Rng {
         self.active = None;
         self.acked_features = 0;
     }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        let queues = self
+            .active
+            .as_ref()
+            .map(|active| vec![QueueState::from(&active.queue)])
+            .unwrap_or_default();
+        persist::device_state(self, queues, DeviceKindState::Rng {})
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), PersistError> {
+        persist::restore_device(self, "rng", state, mem, interrupt)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::persist::testing::transport_queue;
     use crate::virtio::testing::{desc, device_queue, used, used_idx};
     // Explicit, so it wins over proptest's `Rng` trait from the glob below.
     use super::Rng;
@@ -306,7 +326,7 @@ mod tests {
         event_idx: bool,
     ) -> (Rng, Arc<Interrupt>) {
         let mut rng = Rng::new().unwrap();
-        let mut queue = device_queue(vq);
+        let mut queue = transport_queue(vq, QUEUE_SIZE);
         queue.set_event_idx(event_idx);
         let interrupt = Arc::new(Interrupt::new().unwrap());
         rng.activate(Activation {
@@ -549,6 +569,70 @@ mod tests {
             rng.queue_events[0].read().is_err(),
             "a broken ring must not make the device requeue itself"
         );
+    }
+
+    #[test]
+    fn test_rng_entropy_written_to_guest_memory_marks_the_page_dirty() {
+        use crate::virtio::persist::testing::{clear_dirty, is_dirty};
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x8000, 0x100, WRITE, 0)], 0)
+            .unwrap();
+        let (mut rng, _) = active_rng(&mem, &vq, false);
+        clear_dirty(&mem);
+        rng.process_queue();
+        assert_eq!(used(&mem, 0), (0, 0x100));
+        assert!(is_dirty(&mem, 0x8000), "getrandom's bytes are not tracked");
+        assert!(!is_dirty(&mem, 0x9000), "a page nobody wrote is clean");
+    }
+
+    #[test]
+    fn test_rng_snapshot_restore_on_copied_memory_continues_serving() {
+        use crate::virtio::persist::VirtioDeviceState;
+        use crate::virtio::persist::testing::copy_guest_memory;
+
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x8000, 0x40, WRITE, 0)], 0)
+            .unwrap();
+        let (mut rng, _) = active_rng(&mem, &vq, true);
+        rng.set_acked_features(AVAIL_FEATURES);
+        rng.process_queue();
+        assert_eq!(used_idx(&mem), 1);
+
+        let json = serde_json::to_string(&rng.save_state()).unwrap();
+        drop(rng);
+        let state: VirtioDeviceState = serde_json::from_str(&json).unwrap();
+        assert!(state.activated);
+        assert_eq!(state.queues[0].next_used, 1);
+
+        // The restored VM: its own memory, same contents; the driver's rings laid over it first.
+        let copy = memory();
+        let vq = MockSplitQueue::new(&copy, 16);
+        copy_guest_memory(&mem, &copy);
+        let mut restored = Rng::new().unwrap();
+        let interrupt = Arc::new(Interrupt::new().unwrap());
+        restored
+            .restore_state(&state, copy.clone(), interrupt.clone())
+            .unwrap();
+        assert!(restored.is_activated());
+
+        copy.write_slice(&[0u8; 0x40], GuestAddress(0x9000))
+            .unwrap();
+        // EVENT_IDX survived: the driver asks for an interrupt once the second entry is used.
+        let used_event = GuestAddress(vq.avail_addr().0 + 4 + 2 * 16);
+        copy.write_obj(1u16, used_event).unwrap();
+        vq.add_desc_chains(&[desc(0x9000, 0x40, WRITE, 0)], 1)
+            .unwrap();
+        restored.process_queue();
+        assert_eq!(used_idx(&copy), 2);
+        assert_eq!(used(&copy, 1), (1, 0x40));
+        let mut got = [0u8; 0x40];
+        copy.read_slice(&mut got, GuestAddress(0x9000)).unwrap();
+        assert_ne!(got, [0u8; 0x40]);
+        assert_eq!(used_idx(&mem), 1, "the old memory is not touched");
+        assert_eq!(interrupt.status(), 1);
+        assert_eq!(restored.save_state().queues[0].next_used, 2);
     }
 
     proptest! {

@@ -111,8 +111,18 @@ impl Vmm {
 
     /// PUT that must succeed with 204.
     pub fn put_ok(&self, path: &str, body: &str) {
-        let (status, text) = self.request("PUT", path, Some(body));
-        assert_eq!(status, 204, "PUT {path} {body}: {text}");
+        self.request_ok("PUT", path, body);
+    }
+
+    /// A request that must succeed with 204.
+    pub fn request_ok(&self, method: &str, path: &str, body: &str) {
+        let (status, text) = self.request(method, path, Some(body));
+        assert_eq!(
+            status,
+            204,
+            "{method} {path} {body}: {text}\nlog:\n{}",
+            self.log()
+        );
     }
 
     /// Boot source, machine config and console file in one go.

@@ -90,6 +90,8 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<ApiRequest, Rout
             let update: VmStateUpdate = decode(body)?;
             ApiRequest::PatchVm(update.state)
         }
+        ("PUT", ["snapshot", "create"]) => ApiRequest::CreateSnapshot(decode(body)?),
+        ("PUT", ["snapshot", "load"]) => ApiRequest::LoadSnapshot(decode(body)?),
         _ => return Err(invalid()),
     };
     Ok(request)

@@ -27,6 +27,7 @@ use super::{
 };
 use crate::api::models::NetworkInterface;
 use crate::memory::GuestMemory;
+use crate::virtio::persist::{self, DeviceKindState, PersistError, QueueState, VirtioDeviceState};
 use crate::virtio::{
     ActivateError, Activation, Interrupt, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice,
@@ -147,6 +148,8 @@ struct RxBuffers {
 #[derive(Debug, Clone, Copy)]
 struct RxChain {
     head: u16,
+    /// The queue's `next_avail` when the chain was taken: where a snapshot rewinds to.
+    avail_pos: u16,
     spans: usize,
     capacity: usize,
 }
@@ -387,12 +390,13 @@ impl Net {
         let mut popped = 0usize;
         loop {
             while !ready(rx_buffers) {
+                let avail_pos = rx.next_avail();
                 let Some(chain) = rx.pop_descriptor_chain(&*mem) else {
                     break;
                 };
                 popped += 1;
                 let head = chain.head_index();
-                if let Err(reason) = rx_buffers.push_chain(chain, mem) {
+                if let Err(reason) = rx_buffers.push_chain(chain, mem, avail_pos) {
                     metrics::inc(&counters.rx_bad_buffers);
                     warn_guest(
                         guest_log,
@@ -481,6 +485,17 @@ impl Net {
         // mapped) until reset drops them together; guest memory is only ever accessed
         // through volatile operations, never through Rust references.
         let len = unsafe { tap.read_frame(rx_spans, overflow) }?;
+        // readv wrote guest memory behind vm-memory's back: record it for diff snapshots, even
+        // for a frame dropped below (its bytes are in the guest's buffers all the same).
+        let mut written = len;
+        for span in rx_buffers.spans.iter().take(rx_spans.len()) {
+            if written == 0 {
+                break;
+            }
+            let n = written.min(span.host.len);
+            crate::memory::mark_dirty(mem, span.gpa, n);
+            written -= n;
+        }
 
         if len > offered || len < VNET_HDR_LEN {
             metrics::inc(&counters.rx_dropped);
@@ -645,6 +660,39 @@ impl VirtioDevice for Net {
         self.active = None;
         self.acked_features = 0;
     }
+
+    /// The RX queue is saved rewound over the chains the device holds, so the restored device
+    /// takes them again; a frame not yet read stays in the tap.
+    fn save_state(&self) -> VirtioDeviceState {
+        let queues = match &self.active {
+            Some(active) => {
+                let mut rx = QueueState::from(&active.rx);
+                let (next_avail, left_behind) =
+                    active.rx_buffers.rewind_position(active.rx.next_avail());
+                rx.next_avail = next_avail;
+                if left_behind > 0 {
+                    tracing::warn!(
+                        net = %self.id,
+                        left_behind,
+                        "RX buffers taken before a bad chain are not in the snapshot"
+                    );
+                }
+                vec![rx, QueueState::from(&active.tx)]
+            }
+            None => Vec::new(),
+        };
+        persist::device_state(self, queues, DeviceKindState::Net {})
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), PersistError> {
+        let name = format!("net {}", self.id);
+        persist::restore_device(self, &name, state, mem, interrupt)
+    }
 }
 
 impl RxBuffers {
@@ -667,6 +715,7 @@ impl RxBuffers {
         &mut self,
         chain: DescriptorChain<&GuestMemory>,
         mem: &GuestMemory,
+        avail_pos: u16,
     ) -> Result<(), &'static str> {
         let head = chain.head_index();
         let before = self.spans.len();
@@ -706,6 +755,7 @@ impl RxBuffers {
             Ok(capacity) => {
                 self.chains.push_back(RxChain {
                     head,
+                    avail_pos,
                     spans: self.spans.len() - before,
                     capacity,
                 });
@@ -717,6 +767,25 @@ impl RxBuffers {
                 Err(reason)
             }
         }
+    }
+
+    /// Where the RX queue's `next_avail` must be for the chains held here to be taken again
+    /// (a snapshot does not keep them). Held chains are taken in ring order, but a bad chain
+    /// in between went straight back to the used ring; rewinding past it would complete it
+    /// twice, so held chains before such a gap stay with the old device (the guest has that
+    /// many fewer RX buffers; only a driver posting bad chains gets there). Returns the
+    /// position and the number of chains left behind.
+    fn rewind_position(&self, next_avail: u16) -> (u16, usize) {
+        let mut position = next_avail;
+        let mut rewound = 0;
+        for chain in self.chains.iter().rev() {
+            if chain.avail_pos != position.wrapping_sub(1) {
+                break;
+            }
+            position = chain.avail_pos;
+            rewound += 1;
+        }
+        (position, self.chains.len() - rewound)
     }
 
     /// Forgets the `count` oldest chains (they went to the used ring).

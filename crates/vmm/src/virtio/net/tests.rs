@@ -32,6 +32,8 @@ use super::tap::tests::{in_netns, ip};
 use super::*;
 use crate::api::models::NetworkInterface;
 use crate::memory::GuestMemory;
+use crate::virtio::persist::VirtioDeviceState;
+use crate::virtio::persist::testing::{clear_dirty, copy_guest_memory, is_dirty};
 use crate::virtio::{
     ActivateError, Activation, INTERRUPT_USED_RING, Interrupt, TYPE_NET, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
@@ -132,6 +134,16 @@ impl<'m> Driver<'m> {
 
     fn queue(&self) -> Queue {
         self.vq.create_queue().unwrap()
+    }
+
+    /// The same driver over another guest memory (a restored VM's), with its bookkeeping.
+    /// The mock zeroes ring indexes in `mem`: call this before copying the contents over.
+    fn moved_to<'n>(&self, mem: &'n GuestMemory) -> Driver<'n> {
+        let mut driver = Driver::new(mem, self.vq.desc_table_addr().0);
+        driver.next_desc = self.next_desc;
+        driver.used_seen = self.used_seen;
+        driver.posted = self.posted.clone();
+        driver
     }
 
     /// Posts one chain of `(address, length, device-writable)` buffers; returns its head.
@@ -1284,5 +1296,130 @@ fn test_random_chains_never_break_the_device() {
                 Ok(())
             })
             .unwrap();
+    });
+}
+
+#[test]
+fn test_rx_frame_read_from_the_tap_marks_guest_pages_dirty() {
+    in_netns(|| {
+        setup_tap();
+        let mem = guest_memory();
+        let mut rx = Driver::new(&mem, RX_RING);
+        let tx = Driver::new(&mem, TX_RING);
+        let mut rig = Rig::new(&interface(Some(GUEST_MAC_TEXT), None));
+        rig.activate(&mem, &rx, &tx, NO_OFFLOADS);
+        // The header alone in one page, the frame in the next: only readv writes that one.
+        rx.post(&[(RX_BUFFERS, 12, true), (RX_BUFFERS + 0x1000, 2000, true)]);
+        rig.run(0);
+        clear_dirty(&mem);
+
+        let host = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).unwrap();
+        host.send_to(b"dirty", SocketAddrV4::new(GUEST_IP, 6000))
+            .unwrap();
+        assert!(rig.run_until(|_| rx.used_idx() == 1));
+        assert_eq!(udp_payload(&rx.take_frames()[0].1), b"dirty");
+        assert!(
+            is_dirty(&mem, RX_BUFFERS + 0x1000),
+            "the frame readv wrote is not tracked"
+        );
+        assert!(is_dirty(&mem, RX_BUFFERS));
+        assert!(
+            !is_dirty(&mem, RX_BUFFERS + 0x2000),
+            "a page nobody wrote is clean"
+        );
+    });
+}
+
+#[test]
+fn test_snapshot_restore_gives_held_rx_buffers_back_and_io_continues() {
+    in_netns(|| {
+        setup_tap();
+        let socket = host_udp_socket();
+        let mem = guest_memory();
+        let mut rx = Driver::new(&mem, RX_RING);
+        let mut tx = Driver::new(&mem, TX_RING);
+        let features = NO_OFFLOADS | VIRTIO_RING_F_EVENT_IDX;
+        let state = {
+            let mut rig = Rig::new(&interface(Some(GUEST_MAC_TEXT), None));
+            rig.activate(&mem, &rx, &tx, features);
+            let frame = guest_udp_frame(5000, b"before");
+            let len = write_tx(&mem, TX_FRAMES, &[0; 12], &frame);
+            tx.post(&[(TX_FRAMES, len, false)]);
+            rig.notify(TX_INDEX);
+            assert!(rig.run_until(|_| tx.used_idx() == 1));
+            assert_eq!(tx.take_used().len(), 1);
+            // An RX buffer the device takes from the ring and holds for the next frame.
+            rx.post(&[(RX_BUFFERS, 2048, true)]);
+            rig.notify(RX_INDEX);
+            assert!(rig.run_until(|rig| rig.net().tap_polled));
+            let json = serde_json::to_string(&rig.net().save_state()).unwrap();
+            serde_json::from_str::<VirtioDeviceState>(&json).unwrap()
+        };
+        // The old device is gone (and with it its hold on the tap), as after a pause.
+        let mut buf = [0u8; 64];
+        let (n, _) = socket.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"before");
+        assert!(state.activated);
+        assert_eq!(
+            state.queues[RX_INDEX].next_avail, 0,
+            "held buffer given back"
+        );
+        assert_eq!(state.queues[TX_INDEX].next_avail, 1);
+        assert_eq!(state.queues[TX_INDEX].next_used, 1);
+
+        let copy = guest_memory();
+        let mut rx2 = rx.moved_to(&copy);
+        let mut tx2 = tx.moved_to(&copy);
+        copy_guest_memory(&mem, &copy);
+        let mut rig = Rig::new(&interface(Some(GUEST_MAC_TEXT), None));
+        rig.net()
+            .restore_state(&state, copy.clone(), rig.interrupt.clone())
+            .unwrap();
+        assert!(rig.net().is_activated());
+        assert_eq!(rig.net().acked_features(), features);
+
+        // A frame from the host lands in the buffer posted before the snapshot.
+        let host = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).unwrap();
+        host.send_to(b"after restore", SocketAddrV4::new(GUEST_IP, 6000))
+            .unwrap();
+        assert!(rig.run_until(|_| rx2.used_idx() == 1));
+        let frames = rx2.take_frames();
+        assert_eq!(udp_payload(&frames[0].1), b"after restore");
+        assert!(rig.take_interrupts() >= 1);
+
+        // And the guest's next frame goes out, completed at the next used index.
+        let frame = guest_udp_frame(5000, b"after");
+        let len = write_tx(&copy, TX_FRAMES, &[0; 12], &frame);
+        let head = tx2.post(&[(TX_FRAMES, len, false)]);
+        rig.notify(TX_INDEX);
+        assert!(rig.run_until(|_| tx2.used_idx() == 2));
+        assert_eq!(tx2.take_used(), vec![(u32::from(head), 0)]);
+        let (n, _) = socket.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"after");
+        assert_eq!(rx.used_idx(), 0, "the old memory is not touched");
+        assert_eq!(tx.used_idx(), 1);
+    });
+}
+
+#[test]
+fn test_snapshot_keeps_held_rx_buffers_only_after_the_last_bad_chain() {
+    in_netns(|| {
+        setup_tap();
+        let mem = guest_memory();
+        let mut rx = Driver::new(&mem, RX_RING);
+        let tx = Driver::new(&mem, TX_RING);
+        let mut rig = Rig::new(&interface(Some(GUEST_MAC_TEXT), None));
+        // Merging: the device holds buffers until it has room for a full frame (1530 bytes).
+        rig.activate(&mem, &rx, &tx, NO_OFFLOADS | bit(VIRTIO_NET_F_MRG_RXBUF));
+        rx.post(&[(RX_BUFFERS, 1024, true)]);
+        let bad = rx.post(&[(RX_BUFFERS + 0x1000, 1024, false)]);
+        rx.post(&[(RX_BUFFERS + 0x2000, 1024, true)]);
+        rig.notify(RX_INDEX);
+        assert!(rig.run_until(|rig| rig.net().tap_polled));
+        assert_eq!(rx.take_used(), vec![(u32::from(bad), 0)]);
+
+        let state = rig.net().save_state();
+        // Rewinding to the first buffer would complete the bad chain a second time.
+        assert_eq!(state.queues[RX_INDEX].next_avail, 2);
     });
 }

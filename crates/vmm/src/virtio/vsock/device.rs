@@ -20,6 +20,7 @@ use super::muxer::{Muxer, connect_nonblocking};
 use super::packet::{RxBuffer, read_tx_packet};
 use super::{EVENT_TRANSPORT_RESET, LogLimiter, MAX_PKT_DATA, MIN_GUEST_CID, VsockError};
 use crate::memory::GuestMemory;
+use crate::virtio::persist::{self, DeviceKindState, PersistError, QueueState, VirtioDeviceState};
 use crate::virtio::{
     ActivateError, Activation, Interrupt, TYPE_VSOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice,
@@ -117,8 +118,8 @@ impl Vsock {
         self.muxer.connection_count()
     }
 
-    /// Tells the driver that every connection is gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET),
-    /// as done before a snapshot: connections are not saved. The host streams are closed too.
+    /// Tells the driver that every connection is gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET):
+    /// done on restore, since connections are not saved. The host streams are closed too.
     pub fn send_transport_reset(&mut self) {
         self.muxer.forget_all();
         // The event loop takes the closed streams out of epoll.
@@ -322,6 +323,32 @@ impl VirtioDevice for Vsock {
         if let Err(e) = self.control_evt.write(1) {
             tracing::error!("vsock: cannot wake the event loop: {e}");
         }
+    }
+
+    /// Connections are not saved (nor is anything of the muxer): the queues are all there is.
+    fn save_state(&self) -> VirtioDeviceState {
+        let queues = self
+            .active
+            .as_ref()
+            .map(|a| [&a.rx, &a.tx, &a.event].map(QueueState::from).to_vec())
+            .unwrap_or_default();
+        persist::device_state(self, queues, DeviceKindState::Vsock {})
+    }
+
+    /// An activated device comes back on its queues and at once tells the guest that every
+    /// connection is gone (TRANSPORT_RESET, in the event buffer the guest posted before the
+    /// snapshot). The guest CID and the socket path are this device's, not the snapshot's.
+    fn restore_state(
+        &mut self,
+        state: &VirtioDeviceState,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), PersistError> {
+        persist::restore_device(self, "vsock", state, mem, interrupt)?;
+        if self.is_active() {
+            self.send_transport_reset();
+        }
+        Ok(())
     }
 }
 

@@ -21,8 +21,21 @@
 //! - `connection`: one connection's state machine and credit flow control.
 //! - `packet`: the 44-byte header and validated reads and writes of descriptor chains.
 //!
-//! Only stream sockets exist; anything else gets RST. Live connections are not part of a
-//! snapshot: [`Vsock::send_transport_reset`] tells the guest to drop them all.
+//! Only stream sockets exist; anything else gets RST.
+//!
+//! Snapshots: live connections are not part of a snapshot, and neither is anything else of the
+//! host side (the socket path and the guest CID come from the load request). A snapshot keeps
+//! only the queues. When an activated device is restored, it sends
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue, in the event buffer the guest
+//! posted before the snapshot ([`Vsock::send_transport_reset`]); the guest driver then drops
+//! every connection, and host processes connect again (with `CONNECT <port>`) on the new path.
+//!
+//! That TRANSPORT_RESET is also the documented "you were restored" notification for the
+//! in-guest agent, and the only one: pause and resume without a snapshot never send it. The
+//! agent sees it as every one of its host connections reset at once; it then reseeds the guest
+//! kernel's RNG with fresh host entropy and resyncs the guest clock, because a restored guest
+//! shares its RNG state with every other clone of the same snapshot and its wall clock stopped
+//! when the snapshot was taken.
 
 mod connection;
 mod device;

@@ -184,6 +184,16 @@ impl<'a> GuestQueue<'a> {
     fn used_idx(&self) -> u16 {
         self.used.idx().load()
     }
+
+    /// The same driver over another guest memory (a restored VM's), with its bookkeeping.
+    /// The mock rings zero their indexes in `mem`: call this before copying the contents over.
+    fn moved_to<'n>(&self, mem: &'n GuestMemory) -> GuestQueue<'n> {
+        let mut queue = GuestQueue::new(mem, self.base, self.buffers);
+        queue.free = self.free.clone();
+        queue.chains = self.chains.clone();
+        queue.seen_used = self.seen_used;
+        queue
+    }
 }
 
 /// A guest packet header, guest port → host port.
@@ -235,20 +245,15 @@ impl<'a> Harness<'a> {
         };
         let mut dev = Vsock::new(&config).unwrap();
         limits(&mut dev.muxer.limits);
-        let dev = Arc::new(Mutex::new(dev));
-        let mut mgr = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
-        mgr.add_subscriber(dev.clone());
-        let mut h = Self {
+        let mut h = Self::assemble(
             uds,
             dev,
-            mgr,
-            interrupt: Arc::new(Interrupt::new().unwrap()),
-            rx: GuestQueue::new(mem, 0x1000, 0x10_0000),
-            tx: GuestQueue::new(mem, 0x2000, 0x30_0000),
-            ev: GuestQueue::new(mem, 0x3000, 0x50_0000),
-            received: VecDeque::new(),
-            refill_rx: true,
-        };
+            [
+                GuestQueue::new(mem, 0x1000, 0x10_0000),
+                GuestQueue::new(mem, 0x2000, 0x30_0000),
+                GuestQueue::new(mem, 0x3000, 0x50_0000),
+            ],
+        );
         {
             let mut d = h.dev.lock().unwrap();
             d.set_acked_features(VIRTIO_F_VERSION_1 | extra_features);
@@ -262,6 +267,24 @@ impl<'a> Harness<'a> {
         h.post_rx(8);
         h.pump();
         h
+    }
+
+    /// The device on a fresh event loop with a fresh interrupt, and the driver's queues.
+    fn assemble(uds: PathBuf, dev: Vsock, [rx, tx, ev]: [GuestQueue<'a>; 3]) -> Self {
+        let dev = Arc::new(Mutex::new(dev));
+        let mut mgr = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
+        mgr.add_subscriber(dev.clone());
+        Self {
+            uds,
+            dev,
+            mgr,
+            interrupt: Arc::new(Interrupt::new().unwrap()),
+            rx,
+            tx,
+            ev,
+            received: VecDeque::new(),
+            refill_rx: true,
+        }
     }
 
     fn kick(&self, queue: usize) {
@@ -1277,4 +1300,112 @@ proptest! {
         };
         prop_assert_eq!(data, b"works".to_vec());
     }
+}
+
+// ---- snapshots ---------------------------------------------------------------------------------
+
+#[test]
+fn test_rx_packet_written_to_guest_memory_marks_the_page_dirty() {
+    use crate::virtio::persist::testing::{clear_dirty, is_dirty};
+    let mem = test_mem();
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new(&mem, dir.path(), 0);
+    // The eight RX buffers the harness posted lie in slots 0..8 of the RX buffer area, and the
+    // device fills slot 0 first.
+    clear_dirty(&mem);
+    let mut host = UnixStream::connect(&h.uds).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    h.refill_rx = false;
+    let (req, _) = h.wait_packet(OP_REQUEST);
+    assert_eq!(req.dst_port, 52);
+    assert!(
+        is_dirty(&mem, 0x10_0000),
+        "the packet written into the RX buffer is not tracked"
+    );
+    assert!(
+        !is_dirty(&mem, 0x10_0000 + 7 * SLOT),
+        "an RX buffer nobody wrote is clean"
+    );
+}
+
+#[test]
+fn test_snapshot_restore_resets_connections_and_serves_on_the_new_socket() {
+    use crate::virtio::persist::testing::copy_guest_memory;
+    use crate::virtio::persist::{DeviceKindState, VirtioDeviceState};
+
+    let mem = test_mem();
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new(&mem, dir.path(), VIRTIO_RING_F_EVENT_IDX);
+    let (mut old_host, _) = h.host_connection(52);
+    // The guest driver keeps event buffers posted.
+    h.ev.post(&[Seg::Write(8)]);
+    h.kick(2);
+    h.pump();
+    let json = serde_json::to_string(&h.dev.lock().unwrap().save_state()).unwrap();
+    let state: VirtioDeviceState = serde_json::from_str(&json).unwrap();
+    assert!(state.activated);
+    assert_eq!(state.kind, DeviceKindState::Vsock {});
+    assert_eq!(state.queues.len(), 3);
+    assert_eq!(h.ev.used_idx(), 0, "saving sends nothing to the guest");
+    assert_eq!(
+        h.connections(),
+        1,
+        "saving keeps the running VM's connections"
+    );
+
+    // The restored VM: copied memory, a new socket path from the load request.
+    let copy = test_mem();
+    let queues = [
+        h.rx.moved_to(&copy),
+        h.tx.moved_to(&copy),
+        h.ev.moved_to(&copy),
+    ];
+    copy_guest_memory(&mem, &copy);
+    let uds = dir.path().join("restored.sock");
+    let dev = Vsock::new(&config(&uds, 3)).unwrap();
+    let mut r = Harness::assemble(uds, dev, queues);
+    r.dev
+        .lock()
+        .unwrap()
+        .restore_state(&state, copy.clone(), r.interrupt.clone())
+        .unwrap();
+    assert!(r.dev.lock().unwrap().is_activated());
+
+    // The guest learns at once that every connection is gone.
+    let events = r.ev.take_used();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, EVENT_TRANSPORT_RESET.to_le_bytes());
+    assert_eq!(events[0].1, 4);
+    assert!(r.drain_irq() > 0, "the guest is interrupted for it");
+    assert_eq!(h.ev.used_idx(), 0, "the old memory is not touched");
+
+    // Host processes connect again on the new path; the RX buffers the guest posted before
+    // the snapshot carry the request.
+    let (mut host, port) = r.host_connection(52);
+    assert_eq!(port, FIRST_PORT);
+    r.send(pkt(OP_RW, 52, port), b"restored");
+    assert_eq!(r.host_read(&mut host, 8), b"restored");
+    host.write_all(b"back").unwrap();
+    let (_, data) = r.wait_packet(OP_RW);
+    assert_eq!(data, b"back");
+
+    // The running VM's connection was not touched by the save.
+    h.send(pkt(OP_RW, 52, FIRST_PORT), b"still here");
+    assert_eq!(h.host_read(&mut old_host, 10), b"still here");
+}
+
+#[test]
+fn test_restore_inactive_device_sends_no_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Vsock::new(&config(&dir.path().join("a.sock"), 3)).unwrap();
+    let state = dev.save_state();
+    assert!(!state.activated);
+    let mem = test_mem();
+    let mut restored = Vsock::new(&config(&dir.path().join("b.sock"), 3)).unwrap();
+    let interrupt = Arc::new(Interrupt::new().unwrap());
+    restored
+        .restore_state(&state, mem, interrupt.clone())
+        .unwrap();
+    assert!(!restored.is_activated());
+    assert!(interrupt.irqfd().read().is_err());
 }

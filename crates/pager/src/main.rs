@@ -1,0 +1,127 @@
+//! `wrenn-pager`: serves one VM's memory from a raw memory file over userfaultfd.
+//!
+//! ```text
+//! wrenn-pager --socket /run/vm1.uffd --mem-file vm.mem [--prefetch-file F] [--record F]
+//! ```
+//!
+//! Listens on `--socket` (which must not exist), serves the VM that connects, and exits when
+//! the VM ends or on SIGINT/SIGTERM, printing the stats as JSON on stdout. Logs go to stderr
+//! (`RUST_LOG` filters them). Any failure prints a message and exits 1.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use wrenn_pager::{FileSource, Pager, PagerConfig, VmOptions, VmState, prefetch};
+
+/// Prefetch key used for the single VM this binary serves.
+const KEY: &str = "cli";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wrenn-pager",
+    about = "Serve a VM's memory from a raw memory file over userfaultfd"
+)]
+struct Args {
+    /// Unix socket to listen on (created; must not exist).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Raw guest memory file (Firecracker layout: regions back to back).
+    #[arg(long)]
+    mem_file: PathBuf,
+    /// Install the pages listed in this prefetch file right after the handshake.
+    #[arg(long)]
+    prefetch_file: Option<PathBuf>,
+    /// On exit, write the pages the VM faulted (first-touch order) to this file.
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Seconds to wait for the VMM to connect and send its handshake.
+    #[arg(long, default_value_t = 10)]
+    accept_timeout_secs: u64,
+}
+
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("wrenn-pager: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    // Block the signals before any thread exists so every thread inherits the mask and only
+    // the waiter below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking SIGINT/SIGTERM")?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let interrupted = Arc::clone(&interrupted);
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Ok(signal) = signals.wait() {
+                    tracing::info!(?signal, "stopping");
+                    interrupted.store(true, Ordering::SeqCst);
+                }
+            })
+            .context("spawning the signal thread")?;
+    }
+
+    let source = FileSource::open(&args.mem_file)?;
+    let pager = Pager::new(PagerConfig {
+        accept_timeout: Duration::from_secs(args.accept_timeout_secs),
+        ..PagerConfig::default()
+    });
+    if let Some(path) = &args.prefetch_file {
+        let count = pager.prefetch_store().load(KEY, path)?;
+        tracing::info!(pages = count, path = %path.display(), "loaded the prefetch file");
+    }
+    let options = VmOptions::new("vm").with_prefetch_key(KEY);
+    let mut vm = pager
+        .register(&args.socket, Arc::new(source), options)
+        .with_context(|| format!("serving on {}", args.socket.display()))?;
+
+    let state = loop {
+        if let Some(state) = vm.wait_timeout(Duration::from_millis(100)) {
+            break state;
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            break vm.stop();
+        }
+    };
+    let stats = vm.stats();
+    let touched = vm.touched();
+    drop(vm);
+
+    if let Some(path) = &args.record {
+        // The recording is what this VM faulted, after any prefetched pages it was given.
+        let pages = pager
+            .prefetch_store()
+            .get(KEY)
+            .map_or(touched, |pages| pages.to_vec());
+        prefetch::write_file(path, &pages)?;
+        tracing::info!(pages = pages.len(), path = %path.display(), "wrote the prefetch record");
+    }
+    let json = serde_json::to_string_pretty(&stats).context("serialising the stats")?;
+    println!("{json}");
+    if let VmState::Failed { error } = state {
+        bail!("serving failed: {error}");
+    }
+    Ok(())
+}

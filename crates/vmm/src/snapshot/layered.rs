@@ -1,0 +1,318 @@
+//! Snapshots as builds of a store (`wrenn_snapshot`): the Wrenn way to pause and restore.
+//!
+//! With `layers: {"store": DIR, "build_id": ID}` on `PUT /snapshot/create`, the VMM writes
+//! build ID into `DIR/ID/`: `vmstate`, `memfile` + `memfile.header`, and for each drive that
+//! reads through layers `disk-<drive>.data` + `disk-<drive>.header`. A Full is generation 0
+//! (identity layout, zero pages are holes mapped to zeros). A Diff writes only the pages
+//! dirtied since the last snapshot or restore, packed, and a header that is the parent's with
+//! those pages remapped: the parent is the build this VM last wrote or was restored from (its
+//! *lineage*). Nothing in these files names a host path: builds are named by id only.
+//!
+//! With `layers` on `PUT /snapshot/load`, the VMM reads `DIR/ID/vmstate`; memory comes from
+//! the header (File backend: each run of the header mapped private from its build's file,
+//! zero runs left anonymous) or from a page server (Uffd backend: the page server reads the
+//! same header); layered drives read through `disk-<drive>.header` of build ID.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+
+use vm_memory::{Bytes, GuestAddress};
+use wrenn_snapshot::diff::DiffWriter;
+use wrenn_snapshot::header::Header;
+use wrenn_snapshot::id::BuildId;
+use wrenn_snapshot::store::Store;
+
+use super::memory_file::{self, flat_size};
+use super::{LayerRef, MicrovmState, SnapshotError};
+use crate::api::models::{DriveLayers, LayersParams};
+use crate::builder::Machine;
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::resources::Resources;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("layers.build_id {text:?}: {reason}")]
+    BuildId { text: String, reason: String },
+    #[error("layers.store {path}: {reason}")]
+    Store { path: String, reason: String },
+    #[error("memory header")]
+    Header(#[from] wrenn_snapshot::header::HeaderError),
+    #[error("memory diff")]
+    Diff(#[from] wrenn_snapshot::diff::DiffError),
+    #[error("build {build}'s memory file {path}: {reason}")]
+    DataFile {
+        build: BuildId,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "a Diff snapshot needs a parent build: take a Full snapshot into the store first, or load this VM from one"
+    )]
+    NoParent,
+    #[error("the parent build lives in store {parent}, not in {asked}")]
+    OtherStore { parent: String, asked: String },
+    #[error("the snapshot's memory is {state} bytes but its header maps {header}")]
+    SizeMismatch { state: u64, header: u64 },
+    #[error("build {0} exists already in the store")]
+    BuildExists(BuildId),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The memory layer this VM's RAM currently equals (after a layered snapshot or restore).
+#[derive(Debug, Clone)]
+pub struct MemoryLineage {
+    pub store: PathBuf,
+    pub header: Header,
+}
+
+fn parse(params: &LayersParams) -> Result<(Store, BuildId), LayerError> {
+    let build = params
+        .build_id
+        .parse::<BuildId>()
+        .map_err(|e| LayerError::BuildId {
+            text: params.build_id.clone(),
+            reason: e.to_string(),
+        })?;
+    if build.is_zero() {
+        return Err(LayerError::BuildId {
+            text: params.build_id.clone(),
+            reason: "the all-zero id is reserved".into(),
+        });
+    }
+    if !std::path::Path::new(&params.store).is_dir() {
+        return Err(LayerError::Store {
+            path: params.store.clone(),
+            reason: "not a directory".into(),
+        });
+    }
+    Ok((Store::new(&params.store), build))
+}
+
+/// Writes this VM's memory as build `layers.build_id`; returns where the VM state goes and
+/// the layer it is.
+pub fn write_memory(
+    machine: &Machine,
+    layers: &LayersParams,
+    diff: bool,
+    lineage: &mut Option<MemoryLineage>,
+) -> Result<(PathBuf, LayerRef), SnapshotError> {
+    let (store, build) = parse(layers)?;
+    let dir = store.build_dir(build);
+    if store.mem_header(build).exists() {
+        return Err(LayerError::BuildExists(build).into());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| LayerError::Io(format!("{}: {e}", dir.display())))?;
+    let mem = machine.vm.memory();
+    let size = flat_size(mem);
+    let data_path = store.mem_data(build);
+    let header = if diff {
+        let parent = lineage.as_ref().ok_or(LayerError::NoParent)?;
+        if parent.store != store.root() {
+            return Err(LayerError::OtherStore {
+                parent: parent.store.display().to_string(),
+                asked: layers.store.clone(),
+            }
+            .into());
+        }
+        let dirty = memory_file::take_dirty(machine)?;
+        let runs = write_packed(mem, &data_path, &dirty)?;
+        parent.header.apply_diff(build, &runs).map_err(LayerError::from)?
+    } else {
+        memory_file::take_dirty(machine)?;
+        let written = memory_file::write_full(mem, &data_path, machine.memory_is_anonymous)?;
+        let zero_runs = runs_of(&written.data_pages, false);
+        Header::full(build, size, PAGE_SIZE as u64, &zero_runs).map_err(LayerError::from)?
+    };
+    header
+        .write(&store.mem_header(build))
+        .map_err(LayerError::from)?;
+    tracing::info!(
+        build = %build,
+        generation = header.generation,
+        runs = header.mappings.len(),
+        "memory layer written"
+    );
+    let layer = LayerRef {
+        build_id: build.to_string(),
+        generation: header.generation,
+    };
+    *lineage = Some(MemoryLineage {
+        store: store.root().to_owned(),
+        header,
+    });
+    Ok((store.vmstate(build), layer))
+}
+
+/// The dirty pages, packed; all-zero pages are recorded as zero runs and not stored.
+fn write_packed(
+    mem: &GuestMemory,
+    path: &std::path::Path,
+    dirty: &[bool],
+) -> Result<Vec<wrenn_snapshot::header::DirtyRun>, SnapshotError> {
+    let mut writer = DiffWriter::create(path, PAGE_SIZE as u64).map_err(LayerError::from)?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    for (index, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
+        let index = u64::try_from(index).expect("x86_64");
+        let addr = guest_addr_of(mem, index * PAGE_SIZE as u64);
+        mem.read_slice(&mut page, addr)
+            .map_err(|e| LayerError::Io(format!("reading guest page {index}: {e}")))?;
+        writer.push(index, &page).map_err(LayerError::from)?;
+    }
+    Ok(writer.finish().map_err(LayerError::from)?.runs)
+}
+
+fn guest_addr_of(mem: &GuestMemory, flat: u64) -> GuestAddress {
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+    let mut base = 0;
+    for r in mem.iter() {
+        if flat < base + r.len() {
+            return GuestAddress(r.start_addr().0 + flat - base);
+        }
+        base += r.len();
+    }
+    GuestAddress(u64::MAX)
+}
+
+/// Runs of consecutive pages whose flag equals `want`.
+fn runs_of(flags: &[bool], want: bool) -> Vec<wrenn_snapshot::header::Run> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < flags.len() {
+        if flags[i] != want {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < flags.len() && flags[i] == want {
+            i += 1;
+        }
+        runs.push(wrenn_snapshot::header::Run {
+            first_block: u64::try_from(start).expect("x86_64"),
+            blocks: u64::try_from(i - start).expect("x86_64"),
+        });
+    }
+    runs
+}
+
+/// Layered drives' snapshots: each drive that reads through layers writes its overlay's
+/// dirty blocks as this build's disk diff.
+pub fn write_disks(
+    machine: &Machine,
+    resources: &Resources,
+    layers: &LayersParams,
+) -> Result<(), SnapshotError> {
+    let (_store, _build) = parse(layers)?;
+    if let Some(drive) = resources.drives.iter().find(|d| d.layers.is_some()) {
+        let _ = machine;
+        return Err(LayerError::Io(format!(
+            "drive {}: layered drive snapshots are not wired yet",
+            drive.drive_id
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A load request's `layers`, checked.
+#[derive(Debug)]
+pub struct LoadLayers {
+    store: Store,
+    build: BuildId,
+}
+
+impl LoadLayers {
+    pub fn open(params: &LayersParams) -> Result<Self, SnapshotError> {
+        let (store, build) = parse(params)?;
+        Ok(Self { store, build })
+    }
+
+    pub fn vmstate_path(&self) -> PathBuf {
+        self.store.vmstate(self.build)
+    }
+
+    /// How a layered drive of the restored VM reads: through this build's disk header.
+    pub fn drive_layers(&self) -> DriveLayers {
+        DriveLayers {
+            store: self.store.root().display().to_string(),
+            build_id: self.build.to_string(),
+        }
+    }
+
+    fn header(&self, state: &MicrovmState) -> Result<Header, SnapshotError> {
+        let header = Header::read(&self.store.mem_header(self.build)).map_err(LayerError::from)?;
+        if header.size != state.memory.size {
+            return Err(LayerError::SizeMismatch {
+                state: state.memory.size,
+                header: header.size,
+            }
+            .into());
+        }
+        Ok(header)
+    }
+
+    /// The lineage of a VM restored from this build (its next Diff builds on it).
+    pub fn lineage(&self, state: &MicrovmState) -> Result<MemoryLineage, SnapshotError> {
+        Ok(MemoryLineage {
+            store: self.store.root().to_owned(),
+            header: self.header(state)?,
+        })
+    }
+
+    /// Guest RAM mapped from the builds' memory files as the header says.
+    pub fn map_memory(
+        &self,
+        mib: u64,
+        state: &MicrovmState,
+    ) -> Result<(GuestMemory, MemoryLineage), SnapshotError> {
+        let header = self.header(state)?;
+        let mut files: HashMap<BuildId, File> = HashMap::new();
+        for info in &header.builds {
+            let path = self.store.mem_data(info.id);
+            let bad = |reason: String| LayerError::DataFile {
+                build: info.id,
+                path: path.clone(),
+                reason,
+            };
+            let file = File::open(&path).map_err(|e| bad(e.to_string()))?;
+            let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+            if len < info.data_len {
+                return Err(bad(format!(
+                    "{len} bytes, the header needs {}",
+                    info.data_len
+                ))
+                .into());
+            }
+            files.insert(info.id, file);
+        }
+        let pieces: Vec<(u64, u64, &File, u64)> = header
+            .mappings
+            .iter()
+            .filter(|m| !m.build.is_zero())
+            .map(|m| (m.offset, m.len, &files[&m.build], m.storage_offset))
+            .collect();
+        let mem = crate::memory::map_files(mib, &pieces)?;
+        Ok((
+            mem,
+            MemoryLineage {
+                store: self.store.root().to_owned(),
+                header,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_runs_of_groups_consecutive_flags() {
+        let flags = [true, true, false, true, false, false, true];
+        let runs = runs_of(&flags, false);
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].first_block, runs[0].blocks), (2, 1));
+        assert_eq!((runs[1].first_block, runs[1].blocks), (4, 2));
+    }
+}
