@@ -54,6 +54,7 @@
 
 pub mod fault;
 pub mod handshake;
+pub mod layered;
 pub mod pages;
 pub mod prefetch;
 pub mod regions;
@@ -64,6 +65,7 @@ pub mod uffd;
 
 pub use fault::ServeError;
 pub use handshake::{GuestRegionUffdMapping, HandshakeError};
+pub use layered::{LayeredSource, LayeredSourceError};
 pub use prefetch::{PrefetchFileError, PrefetchStore};
 pub use regions::{PAGE_SIZE, Region, RegionError, RegionMap};
 pub use server::{

@@ -26,15 +26,21 @@ const KEY: &str = "cli";
 #[derive(Debug, Parser)]
 #[command(
     name = "wrenn-pager",
-    about = "Serve a VM's memory from a raw memory file over userfaultfd"
+    about = "Serve a VM's memory over userfaultfd, from a raw memory file or a build of a layered store"
 )]
 struct Args {
     /// Unix socket to listen on (created; must not exist).
     #[arg(long)]
     socket: PathBuf,
     /// Raw guest memory file (Firecracker layout: regions back to back).
-    #[arg(long)]
-    mem_file: PathBuf,
+    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+    mem_file: Option<PathBuf>,
+    /// A layered store: serve the memory of build --build, read through its header.
+    #[arg(long, requires = "build")]
+    store: Option<PathBuf>,
+    /// The build (32 hex digits) of --store to serve.
+    #[arg(long, requires = "store")]
+    build: Option<wrenn_snapshot::id::BuildId>,
     /// Install the pages listed in this prefetch file right after the handshake.
     #[arg(long)]
     prefetch_file: Option<PathBuf>,
@@ -83,7 +89,13 @@ fn run() -> anyhow::Result<()> {
             .context("spawning the signal thread")?;
     }
 
-    let source = FileSource::open(&args.mem_file)?;
+    let source: Arc<dyn wrenn_pager::PageSource> = match (&args.mem_file, &args.store, args.build) {
+        (Some(path), _, _) => Arc::new(FileSource::open(path)?),
+        (None, Some(store), Some(build)) => {
+            Arc::new(wrenn_pager::LayeredSource::open(store, build)?)
+        }
+        _ => bail!("give --mem-file, or --store and --build"),
+    };
     let pager = Pager::new(PagerConfig {
         accept_timeout: Duration::from_secs(args.accept_timeout_secs),
         ..PagerConfig::default()
@@ -94,7 +106,7 @@ fn run() -> anyhow::Result<()> {
     }
     let options = VmOptions::new("vm").with_prefetch_key(KEY);
     let mut vm = pager
-        .register(&args.socket, Arc::new(source), options)
+        .register(&args.socket, source, options)
         .with_context(|| format!("serving on {}", args.socket.display()))?;
 
     let state = loop {

@@ -384,12 +384,8 @@ impl Machine {
         };
         for (index, fd) in self.vcpu_fds.drain(..).enumerate() {
             let index = u8::try_from(index).expect("at most 32 vCPUs");
-            self.vcpus.push(vcpu::spawn(
-                index,
-                fd,
-                context.clone(),
-                self.start_paused,
-            )?);
+            self.vcpus
+                .push(vcpu::spawn(index, fd, context.clone(), self.start_paused)?);
         }
         Ok(())
     }

@@ -328,7 +328,10 @@ impl Controller {
         }
     }
 
-    fn create_snapshot(&mut self, params: &crate::api::models::SnapshotCreateParams) -> ApiResponse {
+    fn create_snapshot(
+        &mut self,
+        params: &crate::api::models::SnapshotCreateParams,
+    ) -> ApiResponse {
         let Some(machine) = &self.machine else {
             return ApiResponse::Fault(NOT_BEFORE_START.into());
         };
@@ -338,6 +341,15 @@ impl Controller {
         let started = Instant::now();
         match crate::snapshot::create(machine, &self.resources, params, &mut self.lineage) {
             Ok(()) => {
+                // Layered drives now read through the new build.
+                if let Some(layers) = &params.layers {
+                    for drive in &mut self.resources.drives {
+                        if let Some(l) = &mut drive.layers {
+                            l.store.clone_from(&layers.store);
+                            l.build_id.clone_from(&layers.build_id);
+                        }
+                    }
+                }
                 self.counters.snapshots += 1;
                 self.counters.last_snapshot_ms = millis(started);
                 ApiResponse::NoContent
@@ -352,16 +364,16 @@ impl Controller {
         }
         let started = Instant::now();
         self.boot_started = Some(started);
-        let restored =
-            match crate::snapshot::load(params, &self.resources, &self.exits, &self.ring) {
-                Ok(r) => r,
-                Err(e) => {
-                    return ApiResponse::Fault(format!(
-                        "snapshot load: {}",
-                        crate::diag::error_chain(&e)
-                    ));
-                }
-            };
+        let restored = match crate::snapshot::load(params, &self.resources, &self.exits, &self.ring)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return ApiResponse::Fault(format!(
+                    "snapshot load: {}",
+                    crate::diag::error_chain(&e)
+                ));
+            }
+        };
         self.resources = restored.resources;
         self.apply_ring_size();
         self.paused = restored.machine.start_paused;

@@ -206,16 +206,29 @@ impl Resources {
         let Some(path) = &d.path_on_host else {
             return Err(ConfigError::DrivePathMissing { id });
         };
-        let want_write = d.is_read_only != Some(true);
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(want_write)
-            .open(path)
-            .map_err(|e| ConfigError::DriveFile {
+        if let Some(layers) = &d.layers {
+            // path_on_host is the overlay, created when the drive opens: what must exist now
+            // is the store and the build's disk header.
+            crate::virtio::block::check_layered_drive(&d).map_err(|e| ConfigError::DriveFile {
                 id: id.clone(),
-                path: path.clone(),
-                reason: e.to_string(),
+                path: format!(
+                    "the disk header of layers {{store: {}, build_id: {}}}",
+                    layers.store, layers.build_id
+                ),
+                reason: crate::diag::error_chain(&e),
             })?;
+        } else {
+            let want_write = d.is_read_only != Some(true);
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(want_write)
+                .open(path)
+                .map_err(|e| ConfigError::DriveFile {
+                    id: id.clone(),
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
         if d.partuuid.is_some() {
             return Err(ConfigError::PartUuid { id });
         }
@@ -354,6 +367,7 @@ mod tests {
             cache_type: Default::default(),
             io_engine: None,
             rate_limiter: None,
+            layers: None,
         }
     }
 

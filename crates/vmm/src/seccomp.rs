@@ -936,7 +936,7 @@ mod tests {
     }
 
     #[test]
-    fn test_vmm_openat_only_append_create() {
+    fn test_vmm_openat_never_opens_existing_files_for_writing() {
         let openat = nr(libc::SYS_openat);
         let at_fdcwd = u64::from_ne_bytes(i64::from(libc::AT_FDCWD).to_ne_bytes());
         assert_eq!(
@@ -947,9 +947,15 @@ mod tests {
             ),
             ALLOW
         );
-        let read_only = c(libc::O_RDONLY | libc::O_CLOEXEC);
+        for flags in snapshot_open_flags() {
+            assert_eq!(
+                verdict(ThreadKind::Vmm, openat, &[at_fdcwd, 0, flags]),
+                ALLOW
+            );
+        }
         let read_write = c(libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC);
-        for flags in [read_only, read_write] {
+        let write_existing = c(libc::O_WRONLY | libc::O_CLOEXEC);
+        for flags in [read_write, write_existing] {
             assert_eq!(
                 verdict(ThreadKind::Vmm, openat, &[at_fdcwd, 0, flags]),
                 KILL

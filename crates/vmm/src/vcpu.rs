@@ -10,9 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu,
-    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -108,7 +108,13 @@ pub fn msrs_to_save(kvm_list: &[u32]) -> Vec<u32> {
 /// makes KVM accept pending APIC events), vCPU events last. Must run while the vCPU is not in
 /// `KVM_RUN` (its own thread, paused; or before it ever ran).
 pub fn save_state(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuState, VcpuError> {
-    let err = |what| move |source| VcpuError::Save { index, what, source };
+    let err = |what| {
+        move |source| VcpuError::Save {
+            index,
+            what,
+            source,
+        }
+    };
     let mp_state = fd.get_mp_state().map_err(err("MP state"))?;
     let regs = fd.get_regs().map_err(err("registers"))?;
     let sregs = fd.get_sregs().map_err(err("special registers"))?;
@@ -162,7 +168,11 @@ fn read_msrs(fd: &VcpuFd, index: u8, list: &[u32]) -> Result<Vec<(u32, u64)>, Vc
         })?;
         out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
         if read < chunk.len() {
-            tracing::debug!(vcpu = index, msr = chunk[read], "MSR not readable; not saved");
+            tracing::debug!(
+                vcpu = index,
+                msr = chunk[read],
+                "MSR not readable; not saved"
+            );
             rest = &rest[read + 1..];
         } else {
             rest = &rest[chunk.len()..];
@@ -176,7 +186,13 @@ fn read_msrs(fd: &VcpuFd, index: u8, list: &[u32]) -> Result<Vec<(u32, u64)>, Vc
 /// exceptions), special registers before the LAPIC (they hold the APIC base), the LAPIC
 /// before the MSRs (TSC deadline), and every saved MSR accepted or an error.
 pub fn restore_state(fd: &VcpuFd, index: u8, state: &VcpuState) -> Result<(), VcpuError> {
-    let err = |what| move |source| VcpuError::Restore { index, what, source };
+    let err = |what| {
+        move |source| VcpuError::Restore {
+            index,
+            what,
+            source,
+        }
+    };
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Restore {
         index,
         what: "CPUID (too many entries)",
@@ -188,7 +204,8 @@ pub fn restore_state(fd: &VcpuFd, index: u8, state: &VcpuState) -> Result<(), Vc
     }
     fd.set_mp_state(state.mp_state).map_err(err("MP state"))?;
     fd.set_regs(&state.regs).map_err(err("registers"))?;
-    fd.set_sregs(&state.sregs).map_err(err("special registers"))?;
+    fd.set_sregs(&state.sregs)
+        .map_err(err("special registers"))?;
     // SAFETY: `state.xsave` is a whole `kvm_xsave` (KVM_SET_XSAVE reads exactly that size;
     // this CPU has no features that need the larger XSAVE2 layout, which KVM_GET_XSAVE would
     // have failed for).

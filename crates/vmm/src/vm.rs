@@ -162,9 +162,7 @@ impl Vm {
     /// saved value: guest time does not jump over the pause; the host agent sets the wall
     /// clock), then the three irqchips.
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
-        self.fd
-            .set_pit2(&state.pit)
-            .map_err(kvm_err("set PIT"))?;
+        self.fd.set_pit2(&state.pit).map_err(kvm_err("set PIT"))?;
         let clock = kvm_clock_data {
             clock: state.clock.clock,
             flags: 0,

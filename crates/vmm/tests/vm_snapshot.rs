@@ -92,8 +92,7 @@ fn kill(mut vmm: Vmm) -> tempfile::TempDir {
 
 #[test]
 fn test_counter_continues_after_full_snapshot_kill_and_file_restore() {
-    if !probe::usable_for_test("test_counter_continues_after_full_snapshot_kill_and_file_restore")
-    {
+    if !probe::usable_for_test("test_counter_continues_after_full_snapshot_kill_and_file_restore") {
         return;
     }
     let mut vmm = boot_test_image(128, COUNTER, false);
@@ -139,7 +138,8 @@ fn test_restore_refuses_bad_requests_and_files_clearly() {
     assert!(text.contains("paused"), "{text}");
     pause(&vmm);
     // A Diff without dirty tracking: refused.
-    let diff = serde_json::json!({"snapshot_type": "Diff", "snapshot_path": state, "mem_file_path": mem});
+    let diff =
+        serde_json::json!({"snapshot_type": "Diff", "snapshot_path": state, "mem_file_path": mem});
     let (status, text) = vmm.request("PUT", "/snapshot/create", Some(&diff.to_string()));
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("track_dirty_pages"), "{text}");
@@ -191,4 +191,281 @@ fn test_restore_refuses_bad_requests_and_files_clearly() {
         load(&state, &dir.path().join("nope"), root_override()),
         "nope",
     );
+}
+
+/// The guest keeps a 4 MiB random blob and a growing log in guest memory (tmpfs) and prints,
+/// every round, `CHECK=<round>:<log lines>:<blob md5>`: a restore that lost or mixed up any
+/// page of any generation shows as a wrong count, a wrong line total or a different sum.
+const CHECKER: &str = "dd if=/dev/urandom of=/dev/shm/blob bs=64k count=64 2>/dev/null\n\
+    sum=$(md5sum < /dev/shm/blob | cut -c1-32)\n\
+    i=0\n\
+    while :; do i=$((i+1)); echo $i >> /dev/shm/log; \
+    echo CHECK=$i:$(wc -l < /dev/shm/log):$(md5sum < /dev/shm/blob | cut -c1-32):$sum; \
+    sleep 0.2; done\n";
+
+/// Complete `CHECK=` lines as (round, log lines, blob sum now, blob sum at boot).
+fn checks(console: &str) -> Vec<(u64, u64, String, String)> {
+    console
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("CHECK=")?;
+            let mut parts = rest.split(':');
+            let round = parts.next()?.parse().ok()?;
+            let lines = parts.next()?.trim().parse().ok()?;
+            let now = parts.next()?.to_owned();
+            let boot = parts.next()?.to_owned();
+            Some((round, lines, now, boot))
+        })
+        .collect()
+}
+
+fn wait_checks(vmm: &mut Vmm, n: usize) -> Vec<(u64, u64, String, String)> {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let found = checks(&vmm.console_text());
+        if found.len() >= n {
+            return found;
+        }
+        if let Ok(Some(status)) = vmm.child.try_wait() {
+            panic!(
+                "VMM exited ({status})\nconsole:\n{}\nlog:\n{}",
+                vmm.console_text(),
+                vmm.log()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} CHECK lines\nconsole:\n{}\nlog:\n{}",
+            vmm.console_text(),
+            vmm.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every check is consistent: one log line per round and the blob unchanged since boot.
+fn assert_consistent(found: &[(u64, u64, String, String)]) {
+    for (round, lines, now, boot) in found {
+        assert_eq!(round, lines, "log lines lost or doubled: {found:?}");
+        assert_eq!(now, boot, "the blob changed: {found:?}");
+    }
+}
+
+fn pager_binary() -> std::path::PathBuf {
+    let path = Path::new(support::VMM).with_file_name("wrenn-pager");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p wrenn-pager",
+        path.display()
+    );
+    path
+}
+
+/// A `wrenn-pager` process serving build `build` of `store` on `socket`.
+fn start_pager(socket: &Path, store: &Path, build: &str, log: &Path) -> std::process::Child {
+    let child = std::process::Command::new(pager_binary())
+        .arg("--socket")
+        .arg(socket)
+        .arg("--store")
+        .arg(store)
+        .arg("--build")
+        .arg(build)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn wrenn-pager");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the page server never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+fn layered_snapshot(vmm: &Vmm, store: &Path, build: &str, kind: &str) {
+    let body = serde_json::json!({
+        "snapshot_type": kind,
+        "layers": {"store": store, "build_id": build},
+    });
+    vmm.put_ok("/snapshot/create", &body.to_string());
+}
+
+fn new_build_id() -> String {
+    wrenn_snapshot::id::BuildId::random().unwrap().to_string()
+}
+
+#[test]
+fn test_three_generation_chain_restores_exactly_from_file_and_page_server() {
+    if !probe::usable_for_test(
+        "test_three_generation_chain_restores_exactly_from_file_and_page_server",
+    ) {
+        return;
+    }
+    let mut vmm = boot_test_image(128, CHECKER, true);
+    let store = vmm.path("store");
+    std::fs::create_dir(&store).unwrap();
+    let builds = [new_build_id(), new_build_id(), new_build_id()];
+    let mut rounds_at = Vec::new();
+    for (generation, build) in builds.iter().enumerate() {
+        wait_checks(&mut vmm, 3 * (generation + 1));
+        pause(&vmm);
+        let kind = if generation == 0 { "Full" } else { "Diff" };
+        layered_snapshot(&vmm, &store, build, kind);
+        eprintln!("generation {generation} ({kind}) written");
+        rounds_at.push(checks(&vmm.console_text()).last().unwrap().0);
+        if generation < 2 {
+            vmm.request_ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+        }
+    }
+    let _dir = kill(vmm);
+
+    // Generation 2's header maps every page straight to the build that last wrote it.
+    let top = wrenn_snapshot::store::Store::new(&store);
+    let top_id: wrenn_snapshot::id::BuildId = builds[2].parse().unwrap();
+    let header = wrenn_snapshot::header::Header::read(&top.mem_header(top_id)).unwrap();
+    assert_eq!(header.generation, 2);
+    assert!(header.builds.len() >= 2, "{}", header.summary());
+    // A Diff holds what changed, not guest memory: far less than the 128 MiB.
+    let diff_len = std::fs::metadata(top.mem_data(top_id)).unwrap().len();
+    assert!(diff_len < 32 << 20, "generation 2 wrote {diff_len} bytes");
+
+    let load = |backend: serde_json::Value| {
+        serde_json::json!({
+            "layers": {"store": store, "build_id": builds[2]},
+            "mem_backend": backend,
+            "drive_overrides": root_override(),
+            "resume_vm": true,
+        })
+    };
+    let last = rounds_at[2];
+    let mut from_file = restore(load(serde_json::json!({"backend_type": "File"})));
+    let found = wait_checks(&mut from_file, 3);
+    assert!(
+        found[0].0 > last && found[0].0 <= last + 3,
+        "snapshot at round {last}, restored at {found:?}"
+    );
+    assert_consistent(&found);
+    drop(from_file);
+    eprintln!("restored from files");
+
+    let socket = store.join("pager.sock");
+    let mut pager = start_pager(&socket, &store, &builds[2], &store.join("pager.log"));
+    let mut from_pager = restore(load(
+        serde_json::json!({"backend_type": "Uffd", "backend_path": socket}),
+    ));
+    let found_uffd = wait_checks(&mut from_pager, 3);
+    assert_consistent(&found_uffd);
+    // Both backends give the same guest: it carries on from the same round with the same blob.
+    assert_eq!(found_uffd[0].0, found[0].0, "{found_uffd:?} vs {found:?}");
+    assert_eq!(found_uffd[0].3, found[0].3);
+
+    eprintln!("restored from the page server");
+    // The page server dies under the running VM: the VMM stops with a clear error, no hang.
+    pager.kill().unwrap();
+    pager.wait().unwrap();
+    let status = from_pager.wait_exit(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "the VMM must fail when its page server dies"
+    );
+    assert!(
+        from_pager.log().contains("page server"),
+        "{}",
+        from_pager.log()
+    );
+}
+
+#[test]
+fn test_five_clones_of_one_template_diverge_on_their_own() {
+    if !probe::usable_for_test("test_five_clones_of_one_template_diverge_on_their_own") {
+        return;
+    }
+    // From round 15 on (long after the template is taken) the guest takes 8 fresh bytes from
+    // the host (virtio-rng) into its own memory once, then keeps printing them: each clone
+    // must get its own and keep it.
+    let script = "i=0\nwhile :; do i=$((i+1)); \
+        if [ $i -ge 15 ] && [ ! -f /dev/shm/mine ]; then \
+        od -An -tx1 -N8 /dev/hwrng | tr -d ' \\n' > /dev/shm/mine; fi; \
+        echo CLONE=$i:$(cat /dev/shm/mine 2>/dev/null); sleep 0.2; done\n";
+    let mut vmm = Vmm::start(None);
+    vmm.configure(1, 96, &boot_args(script, true));
+    vmm.drive("rootfs", &image(ImageKind::Test), true, true);
+    vmm.put_ok("/entropy", "{}");
+    vmm.start_instance();
+    vmm.wait_console("WRENN_GUEST_READY", GUEST_TIMEOUT);
+    wait_values_prefix(&mut vmm, "CLONE=2:");
+    pause(&vmm);
+    assert!(
+        !vmm.console_text().contains("CLONE=15:"),
+        "the template must be taken before the guest reads its entropy"
+    );
+    let store = vmm.path("store");
+    std::fs::create_dir(&store).unwrap();
+    let template = new_build_id();
+    layered_snapshot(&vmm, &store, &template, "Full");
+    let _dir = kill(vmm);
+
+    let mut clones = Vec::new();
+    for n in 0..5 {
+        let socket = store.join(format!("pager{n}.sock"));
+        let pager = start_pager(
+            &socket,
+            &store,
+            &template,
+            &store.join(format!("pager{n}.log")),
+        );
+        let load = serde_json::json!({
+            "layers": {"store": store, "build_id": template},
+            "mem_backend": {"backend_type": "Uffd", "backend_path": socket},
+            "drive_overrides": root_override(),
+            "resume_vm": true,
+        });
+        clones.push((restore(load), pager));
+    }
+    let mut seen = Vec::new();
+    for (clone, _) in &mut clones {
+        let value = wait_clone_value(clone);
+        seen.push(value);
+    }
+    // Later rounds of each clone still show its own value: no clone saw another's write.
+    for ((clone, _), value) in clones.iter_mut().zip(&seen) {
+        let later = wait_clone_value(clone);
+        assert_eq!(&later, value);
+    }
+    let mut distinct = seen.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 5, "clones share entropy: {seen:?}");
+    for (_, mut pager) in clones {
+        let _ = pager.kill();
+        let _ = pager.wait();
+    }
+}
+
+fn wait_values_prefix(vmm: &mut Vmm, needle: &str) {
+    vmm.wait_console(needle, GUEST_TIMEOUT);
+}
+
+/// The latest non-empty value a clone printed as `CLONE=<round>:<value>`.
+fn wait_clone_value(vmm: &mut Vmm) -> String {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let text = vmm.console_text();
+        let value = text
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .filter_map(|l| l.trim().strip_prefix("CLONE="))
+            .filter_map(|rest| rest.split_once(':').map(|(_, v)| v.to_owned()))
+            .rfind(|v| v.len() == 16);
+        if let Some(value) = value {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no clone value\nconsole:\n{text}\nlog:\n{}",
+            vmm.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -118,7 +118,10 @@ pub fn write_memory(
         }
         let dirty = memory_file::take_dirty(machine)?;
         let runs = write_packed(mem, &data_path, &dirty)?;
-        parent.header.apply_diff(build, &runs).map_err(LayerError::from)?
+        parent
+            .header
+            .apply_diff(build, &runs)
+            .map_err(LayerError::from)?
     } else {
         memory_file::take_dirty(machine)?;
         let written = memory_file::write_full(mem, &data_path, machine.memory_is_anonymous)?;
@@ -203,14 +206,15 @@ pub fn write_disks(
     resources: &Resources,
     layers: &LayersParams,
 ) -> Result<(), SnapshotError> {
-    let (_store, _build) = parse(layers)?;
-    if let Some(drive) = resources.drives.iter().find(|d| d.layers.is_some()) {
-        let _ = machine;
-        return Err(LayerError::Io(format!(
-            "drive {}: layered drive snapshots are not wired yet",
-            drive.drive_id
-        ))
-        .into());
+    let (store, build) = parse(layers)?;
+    for (drive, device) in resources.drives.iter().zip(&machine.virtio) {
+        if drive.layers.is_none() {
+            continue;
+        }
+        crate::devices::bus::lock(device)
+            .snapshot_disk(&store, build)
+            .map_err(LayerError::Io)?;
+        tracing::info!(drive = %drive.drive_id, build = %build, "disk layer written");
     }
     Ok(())
 }
@@ -278,11 +282,7 @@ impl LoadLayers {
             let file = File::open(&path).map_err(|e| bad(e.to_string()))?;
             let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
             if len < info.data_len {
-                return Err(bad(format!(
-                    "{len} bytes, the header needs {}",
-                    info.data_len
-                ))
-                .into());
+                return Err(bad(format!("{len} bytes, the header needs {}", info.data_len)).into());
             }
             files.insert(info.id, file);
         }

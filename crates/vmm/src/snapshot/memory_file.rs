@@ -90,7 +90,11 @@ pub struct FullWritten {
 /// Writes all of guest RAM to `path` at flat offsets, leaving holes for pages that read as
 /// zero. On `anonymous` memory a page the kernel has never backed is zero without reading it
 /// (no swap here); memory restored from files or a page server is read in full.
-pub fn write_full(mem: &GuestMemory, path: &Path, anonymous: bool) -> Result<FullWritten, SnapshotError> {
+pub fn write_full(
+    mem: &GuestMemory,
+    path: &Path,
+    anonymous: bool,
+) -> Result<FullWritten, SnapshotError> {
     let io = |source| SnapshotError::MemoryFile {
         path: path.to_owned(),
         source,
@@ -124,7 +128,11 @@ pub fn write_full(mem: &GuestMemory, path: &Path, anonymous: bool) -> Result<Ful
 
 /// Firecracker's Diff: a file the size of guest RAM holding only the `dirty` pages, each at
 /// its own offset (the rest are holes). Returns the bytes written.
-pub fn write_sparse_diff(mem: &GuestMemory, path: &Path, dirty: &[bool]) -> Result<u64, SnapshotError> {
+pub fn write_sparse_diff(
+    mem: &GuestMemory,
+    path: &Path,
+    dirty: &[bool],
+) -> Result<u64, SnapshotError> {
     let io = |source| SnapshotError::MemoryFile {
         path: path.to_owned(),
         source,
@@ -224,8 +232,10 @@ mod tests {
     #[test]
     fn test_write_full_leaves_holes_and_keeps_data() {
         let mem = crate::memory::create(16, false).unwrap();
-        mem.write_obj(0xdead_beef_u32, GuestAddress(5 * PAGE)).unwrap();
-        mem.write_obj(0x1234_u16, GuestAddress(9 * PAGE + 100)).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(5 * PAGE))
+            .unwrap();
+        mem.write_obj(0x1234_u16, GuestAddress(9 * PAGE + 100))
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem");
         let out = write_full(&mem, &path, true).unwrap();
@@ -270,7 +280,11 @@ mod tests {
         crate::memory::mark_dirty(&mem, GuestAddress(12 * PAGE + 5), 10);
         let region = mem.iter().next().unwrap();
         assert!(region.bitmap().dirty_at(usize::try_from(7 * PAGE).unwrap()));
-        assert!(region.bitmap().dirty_at(usize::try_from(12 * PAGE).unwrap()));
+        assert!(
+            region
+                .bitmap()
+                .dirty_at(usize::try_from(12 * PAGE).unwrap())
+        );
         assert!(!region.bitmap().dirty_at(usize::try_from(8 * PAGE).unwrap()));
     }
 }

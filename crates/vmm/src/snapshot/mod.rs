@@ -62,7 +62,9 @@ pub enum SnapshotError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("a Diff snapshot needs dirty page tracking (machine-config track_dirty_pages, or track_dirty_pages on load)")]
+    #[error(
+        "a Diff snapshot needs dirty page tracking (machine-config track_dirty_pages, or track_dirty_pages on load)"
+    )]
     NoDirtyTracking,
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
@@ -361,7 +363,10 @@ pub fn create(
         }
         Some(layers) => {
             let (state_path, layer) = layered::write_memory(machine, layers, diff, lineage)?;
-            let state_path = params.snapshot_path.as_ref().map_or(state_path, PathBuf::from);
+            let state_path = params
+                .snapshot_path
+                .as_ref()
+                .map_or(state_path, PathBuf::from);
             layered::write_disks(machine, resources, layers)?;
             (state_path, Some(layer))
         }
@@ -539,4 +544,3 @@ impl SnapshotLoadParams {
         }
     }
 }
-

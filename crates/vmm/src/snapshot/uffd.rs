@@ -14,8 +14,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vmm_sys_util::ioctl_iowr_nr;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
 

@@ -1,4 +1,4 @@
-//! virtio-blk (virtio 1.2 §5.2) on a host file or block device.
+//! virtio-blk (virtio 1.2 §5.2) on a host file or block device, or on a store's layers.
 //!
 //! One request queue of [`QUEUE_SIZE`]. Each request is one descriptor chain:
 //!
@@ -20,22 +20,35 @@
 //! memory the request is not run (the driver could not learn its outcome) and the chain is
 //! completed with length 0. Either way the ring moves on and the device serves the next.
 //!
-//! Data moves with `pread`/`pwrite` straight between the file and guest memory (no bounce
-//! buffer). The capacity is the file's size in 512-byte sectors, rounded down.
+//! Two backends:
+//!
+//! ```text
+//! plain    path_on_host  <--pread/pwrite-->  guest memory     (no bounce buffer)
+//!          capacity = the file's size in 512-byte sectors, rounded down
+//!
+//! layered  layers.store/layers.build_id/disk-<drive>.header
+//!            reads:  LayeredDisk (overlay if written, else the layers) --> bounce --> guest
+//!            writes: guest --> bounce --> LayeredDisk overlay = path_on_host (private,
+//!                    sparse, emptied on open; the base image and the layers are never written)
+//!          capacity = the header's size; the bounce buffer moves at most 1 MiB per step
+//!          snapshot_disk(store, build): the overlay's dirty blocks become build's disk diff
+//! ```
 //!
 //! Caching, from the drive's `cache_type`:
 //! - `Unsafe`: VIRTIO_BLK_F_FLUSH is not offered and a FLUSH anyway is a no-op; the host page
 //!   cache decides when data reaches the disk.
-//! - `Writeback`: VIRTIO_BLK_F_FLUSH is offered and FLUSH runs `fdatasync`. A driver that does
-//!   not accept the feature cannot flush, so then every write is followed by `fdatasync`.
+//! - `Writeback`: VIRTIO_BLK_F_FLUSH is offered and FLUSH runs `fdatasync` (of the overlay,
+//!   for a layered drive). A driver that does not accept the feature cannot flush, so then
+//!   every write is followed by `fdatasync`.
 //!
-//! A read-only drive opens its file read-only, offers VIRTIO_BLK_F_RO and fails writes with
-//! VIRTIO_BLK_S_IOERR.
+//! A read-only drive opens its file read-only (a layered one still has its overlay, unused),
+//! offers VIRTIO_BLK_F_RO and fails writes with VIRTIO_BLK_S_IOERR.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -53,6 +66,10 @@ use vm_memory::{
     VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use wrenn_snapshot::disk::{DiskError, LayeredDisk};
+use wrenn_snapshot::header::{Header, HeaderError};
+use wrenn_snapshot::id::BuildId;
+use wrenn_snapshot::store::{DriveId, Store, StoreError};
 
 use super::persist::{self, DeviceKindState, PersistError, QueueState, VirtioDeviceState};
 use super::queue::serve_queue;
@@ -60,7 +77,7 @@ use super::{
     ActivateError, Activation, Interrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice,
 };
-use crate::api::models::{CacheType, Drive, IoEngine};
+use crate::api::models::{CacheType, Drive, DriveLayers, IoEngine};
 use crate::diag::LogLimiter;
 use crate::memory::GuestMemory;
 
@@ -70,6 +87,8 @@ const SECTOR_SHIFT: u32 = 9;
 const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 const HEADER_LEN: u32 = 16;
 const ID_LEN: usize = 20;
+/// Most bytes a layered drive moves per step between guest memory and the disk.
+const BOUNCE_MAX: usize = 1 << 20;
 
 /// Byte offsets in `struct virtio_blk_config`; fields we do not offer read as zero.
 const CONFIG_CAPACITY: usize = 0;
@@ -101,6 +120,46 @@ pub enum BlockError {
     },
     #[error("cannot create the queue eventfd")]
     QueueEvent(#[source] io::Error),
+    #[error("layers.build_id {text:?} is invalid: {reason}")]
+    LayersBuildId { text: String, reason: String },
+    #[error("drive_id {drive_id:?} cannot name a layered drive's files in the store")]
+    LayersDriveId {
+        drive_id: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("layers.store {path} cannot be read")]
+    LayersStore {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layers.store {path} is not a directory")]
+    LayersStoreNotDir { path: PathBuf },
+    #[error("cannot read disk header {path} (of layers.store and layers.build_id)")]
+    LayersHeader {
+        path: PathBuf,
+        #[source]
+        source: HeaderError,
+    },
+    #[error("disk header {path} belongs to build {found}, not to layers.build_id {expected}")]
+    HeaderBuild {
+        path: PathBuf,
+        expected: BuildId,
+        found: BuildId,
+    },
+    #[error(
+        "path_on_host {path} is {layer}, a layer of the drive: a layered drive's path_on_host is its private overlay, emptied on open"
+    )]
+    OverlayIsLayer { path: PathBuf, layer: PathBuf },
+    #[error("path_on_host {path}: its directory does not exist")]
+    OverlayDir { path: PathBuf },
+    #[error("cannot open the layers or the overlay {overlay}")]
+    Layered {
+        overlay: PathBuf,
+        #[source]
+        source: DiskError,
+    },
 }
 
 /// Why one request failed; each maps to a status byte.
@@ -124,6 +183,8 @@ enum RequestError {
     Unsupported(u32),
     #[error("I/O on the drive file failed")]
     Io(#[source] io::Error),
+    #[error("I/O on the layered disk failed")]
+    Layered(#[source] DiskError),
 }
 
 impl RequestError {
@@ -137,7 +198,7 @@ impl RequestError {
 
     /// Failures a correct driver causes only when something is wrong on the host.
     fn is_host_side(&self) -> bool {
-        matches!(self, Self::Io(_))
+        matches!(self, Self::Io(_) | Self::Layered(_))
     }
 }
 
@@ -234,10 +295,117 @@ impl WriteVolatile for FileAt<'_> {
     }
 }
 
-/// The drive file and everything a request needs, apart from the queue.
+/// Where a drive's data lives.
+#[derive(Debug)]
+enum Backend {
+    /// The drive file itself: `pread`/`pwrite` straight between it and guest memory.
+    File(File),
+    /// A store's layers plus a private overlay, through a bounce buffer.
+    Layered(Box<Layered>),
+}
+
+impl Backend {
+    /// Makes written data durable (`fdatasync` of the file or of the overlay).
+    fn sync(&self) -> Result<(), RequestError> {
+        match self {
+            Backend::File(file) => file.sync_data().map_err(RequestError::Io),
+            Backend::Layered(layered) => layered.disk.flush().map_err(RequestError::Layered),
+        }
+    }
+}
+
+/// A layered drive's disk and what serving it needs.
+#[derive(Debug)]
+struct Layered {
+    disk: LayeredDisk,
+    /// The store the disk was opened in: its snapshots must go to the same one.
+    store: Store,
+    /// Reused between requests; grows to at most [`BOUNCE_MAX`].
+    bounce: Vec<u8>,
+}
+
+impl Layered {
+    /// Disk → guest memory for the data descriptors of a checked IN request.
+    fn read_into(
+        &mut self,
+        mem: &GuestMemory,
+        data: &[Descriptor],
+        offset: u64,
+    ) -> Result<(), RequestError> {
+        let mut offset = offset;
+        for desc in data {
+            let mut addr = desc.addr();
+            let mut left = desc_len(desc)?;
+            while left > 0 {
+                let step = left.min(BOUNCE_MAX);
+                let buf = bounce(&mut self.bounce, step);
+                self.disk
+                    .read_at(offset, buf)
+                    .map_err(RequestError::Layered)?;
+                // vm-memory's accessor marks the pages dirty, as the plain path's pread does.
+                mem.write_slice(buf, addr)?;
+                (addr, offset) = advance(addr, offset, step)?;
+                left -= step;
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest memory → overlay for the data descriptors of a checked OUT request.
+    fn write_from(
+        &mut self,
+        mem: &GuestMemory,
+        data: &[Descriptor],
+        offset: u64,
+    ) -> Result<(), RequestError> {
+        let mut offset = offset;
+        for desc in data {
+            let mut addr = desc.addr();
+            let mut left = desc_len(desc)?;
+            while left > 0 {
+                let step = left.min(BOUNCE_MAX);
+                let buf = bounce(&mut self.bounce, step);
+                mem.read_slice(buf, addr)?;
+                self.disk
+                    .write_at(offset, buf)
+                    .map_err(RequestError::Layered)?;
+                (addr, offset) = advance(addr, offset, step)?;
+                left -= step;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first `len` bytes of the bounce buffer, growing it if needed.
+fn bounce(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
+}
+
+/// Moves a guest address and a disk offset on by `step` bytes.
+fn advance(
+    addr: GuestAddress,
+    offset: u64,
+    step: usize,
+) -> Result<(GuestAddress, u64), RequestError> {
+    let step = u64::try_from(step).map_err(|_| RequestError::Malformed("descriptor too long"))?;
+    let addr = addr
+        .0
+        .checked_add(step)
+        .ok_or(RequestError::Malformed("buffer wraps around"))?;
+    let offset = offset
+        .checked_add(step)
+        .ok_or(RequestError::Malformed("request wraps around"))?;
+    Ok((GuestAddress(addr), offset))
+}
+
+/// The drive's data and everything a request needs, apart from the queue.
 #[derive(Debug)]
 struct Disk {
-    file: File,
+    backend: Backend,
     capacity_sectors: u64,
     id: [u8; ID_LEN],
     read_only: bool,
@@ -303,7 +471,7 @@ impl Disk {
 
     /// Runs the request in `self.chain` (header first, status last); returns how many data
     /// bytes it wrote into guest memory.
-    fn execute(&self, mem: &GuestMemory) -> Result<u32, RequestError> {
+    fn execute(&mut self, mem: &GuestMemory) -> Result<u32, RequestError> {
         let (header, rest) = self
             .chain
             .split_first()
@@ -329,12 +497,15 @@ impl Disk {
         match kind {
             VIRTIO_BLK_T_IN => {
                 let len = self.check_data(mem, data, sector, true)?;
-                let mut file = FileAt {
-                    file: &self.file,
-                    offset: sector << SECTOR_SHIFT,
-                };
-                for desc in data {
-                    read_into(mem, desc, &mut file)?;
+                let offset = sector << SECTOR_SHIFT;
+                match &mut self.backend {
+                    Backend::File(file) => {
+                        let mut file = FileAt { file, offset };
+                        for desc in data {
+                            read_into(mem, desc, &mut file)?;
+                        }
+                    }
+                    Backend::Layered(layered) => layered.read_into(mem, data, offset)?,
                 }
                 u32::try_from(len).map_err(|_| RequestError::Malformed("data too long"))
             }
@@ -343,21 +514,24 @@ impl Disk {
                     return Err(RequestError::ReadOnly);
                 }
                 self.check_data(mem, data, sector, false)?;
-                let mut file = FileAt {
-                    file: &self.file,
-                    offset: sector << SECTOR_SHIFT,
-                };
-                for desc in data {
-                    write_from(mem, desc, &mut file)?;
+                let offset = sector << SECTOR_SHIFT;
+                match &mut self.backend {
+                    Backend::File(file) => {
+                        let mut file = FileAt { file, offset };
+                        for desc in data {
+                            write_from(mem, desc, &mut file)?;
+                        }
+                    }
+                    Backend::Layered(layered) => layered.write_from(mem, data, offset)?,
                 }
                 if self.write_through {
-                    self.file.sync_data().map_err(RequestError::Io)?;
+                    self.backend.sync()?;
                 }
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if self.flush_syncs {
-                    self.file.sync_data().map_err(RequestError::Io)?;
+                    self.backend.sync()?;
                 }
                 Ok(0)
             }
@@ -492,6 +666,192 @@ fn write_from(mem: &GuestMemory, desc: &Descriptor, file: &mut FileAt) -> Result
     Ok(())
 }
 
+/// The plain backend: the drive file, and its capacity in sectors.
+fn open_file(drive_id: &str, path: &Path, read_only: bool) -> Result<(Backend, u64), BlockError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    let metadata = file.metadata().map_err(|source| BlockError::Size {
+        path: path.to_owned(),
+        source,
+    })?;
+    if metadata.is_dir() {
+        return Err(BlockError::Directory {
+            path: path.to_owned(),
+        });
+    }
+    // Seeking to the end works for regular files and block devices alike.
+    let size = file
+        .seek(SeekFrom::End(0))
+        .map_err(|source| BlockError::Size {
+            path: path.to_owned(),
+            source,
+        })?;
+    if size % SECTOR_SIZE != 0 {
+        warn!(
+            drive_id,
+            size, "drive file size is not a multiple of 512; the tail is not visible"
+        );
+    }
+    Ok((Backend::File(file), size >> SECTOR_SHIFT))
+}
+
+/// A layered drive's source, resolved from its `layers` and checked.
+#[derive(Debug)]
+struct LayerSource {
+    store: Store,
+    drive: DriveId,
+    header: Header,
+}
+
+fn resolve_layers(drive_id: &str, layers: &DriveLayers) -> Result<LayerSource, BlockError> {
+    let bad_id = |reason: String| BlockError::LayersBuildId {
+        text: layers.build_id.chars().take(80).collect(),
+        reason,
+    };
+    let build: BuildId = layers
+        .build_id
+        .parse()
+        .map_err(|e: wrenn_snapshot::id::IdError| bad_id(e.to_string()))?;
+    if build.is_zero() {
+        return Err(bad_id("the all-zero id is reserved".into()));
+    }
+    let drive = DriveId::new(drive_id).map_err(|source| BlockError::LayersDriveId {
+        drive_id: drive_id.to_owned(),
+        source,
+    })?;
+    let root = PathBuf::from(&layers.store);
+    let meta = fs::metadata(&root).map_err(|source| BlockError::LayersStore {
+        path: root.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(BlockError::LayersStoreNotDir { path: root });
+    }
+    let store = Store::new(root);
+    let header_path = store.disk_header(build, &drive);
+    let header = Header::read(&header_path).map_err(|source| BlockError::LayersHeader {
+        path: header_path.clone(),
+        source,
+    })?;
+    if header.build != build {
+        return Err(BlockError::HeaderBuild {
+            path: header_path,
+            expected: build,
+            found: header.build,
+        });
+    }
+    Ok(LayerSource {
+        store,
+        drive,
+        header,
+    })
+}
+
+/// The overlay may not exist yet (it is created on open), but it must never be one of the
+/// files the drive reads through: opening empties it.
+fn check_overlay(overlay: &Path, source: &LayerSource) -> Result<(), BlockError> {
+    let meta = match fs::metadata(overlay) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = overlay.parent().filter(|p| !p.as_os_str().is_empty());
+            if parent.is_some_and(|p| !p.is_dir()) {
+                return Err(BlockError::OverlayDir {
+                    path: overlay.to_owned(),
+                });
+            }
+            return Ok(());
+        }
+        Err(source) => {
+            return Err(BlockError::Open {
+                path: overlay.to_owned(),
+                source,
+            });
+        }
+    };
+    if meta.is_dir() {
+        return Err(BlockError::Directory {
+            path: overlay.to_owned(),
+        });
+    }
+    let header_path = source.store.disk_header(source.header.build, &source.drive);
+    let layers = source
+        .header
+        .builds
+        .iter()
+        .map(|info| source.store.disk_data(info.id, &source.drive))
+        .chain([header_path]);
+    for layer in layers {
+        // Symlinks followed: an imported build's data file links to the base image.
+        let same =
+            fs::metadata(&layer).is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()));
+        if same {
+            return Err(BlockError::OverlayIsLayer {
+                path: overlay.to_owned(),
+                layer,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The layered backend: the layers of `layers`, a fresh overlay at `overlay`, and the
+/// capacity in sectors (the header's size).
+fn open_layered(
+    drive_id: &str,
+    layers: &DriveLayers,
+    overlay: &Path,
+) -> Result<(Backend, u64), BlockError> {
+    let source = resolve_layers(drive_id, layers)?;
+    check_overlay(overlay, &source)?;
+    let disk = LayeredDisk::open(&source.store, source.header, &source.drive, overlay).map_err(
+        |source| BlockError::Layered {
+            overlay: overlay.to_owned(),
+            source,
+        },
+    )?;
+    let capacity_sectors = disk.size() >> SECTOR_SHIFT;
+    let layered = Layered {
+        disk,
+        store: source.store,
+        bounce: Vec::new(),
+    };
+    Ok((Backend::Layered(Box::new(layered)), capacity_sectors))
+}
+
+/// Checks a layered drive's configuration before the VM is built, without creating or
+/// changing anything: `layers.build_id` is a build id, `layers.store` is a directory, the
+/// build's disk header for this drive exists and is valid, and `path_on_host` (the overlay,
+/// possibly not there yet) is not a directory, not in a missing directory, and not one of
+/// the files the drive reads through. A drive without `layers` passes.
+pub fn check_layered_drive(config: &Drive) -> Result<(), BlockError> {
+    let Some(layers) = &config.layers else {
+        return Ok(());
+    };
+    let overlay = config
+        .path_on_host
+        .as_deref()
+        .ok_or_else(|| BlockError::NoPath {
+            drive_id: config.drive_id.clone(),
+        })?;
+    let source = resolve_layers(&config.drive_id, layers)?;
+    check_overlay(Path::new(overlay), &source)
+}
+
+/// Whether two store roots name the same directory.
+fn same_store(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (fs::canonicalize(a), fs::canonicalize(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
 /// What the device holds while the driver has it running.
 #[derive(Debug)]
 struct Active {
@@ -516,6 +876,8 @@ pub struct Block {
 }
 
 impl Block {
+    /// Opens the drive: its file, or (with `layers`) its layers and a fresh overlay at
+    /// `path_on_host`.
     pub fn new(config: &Drive) -> Result<Block, BlockError> {
         let path = config
             .path_on_host
@@ -525,35 +887,10 @@ impl Block {
                 drive_id: config.drive_id.clone(),
             })?;
         let read_only = config.is_read_only == Some(true);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(&path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        let metadata = file.metadata().map_err(|source| BlockError::Size {
-            path: path.clone(),
-            source,
-        })?;
-        if metadata.is_dir() {
-            return Err(BlockError::Directory { path });
-        }
-        // Seeking to the end works for regular files and block devices alike.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.clone(),
-                source,
-            })?;
-        let capacity_sectors = size >> SECTOR_SHIFT;
-        if size % SECTOR_SIZE != 0 {
-            warn!(
-                drive_id = config.drive_id,
-                size, "drive file size is not a multiple of 512; the tail is not visible"
-            );
-        }
+        let (backend, capacity_sectors) = match &config.layers {
+            None => open_file(&config.drive_id, &path, read_only)?,
+            Some(layers) => open_layered(&config.drive_id, layers, &path)?,
+        };
         if config.io_engine == Some(IoEngine::Async) {
             warn!(
                 drive_id = config.drive_id,
@@ -597,6 +934,7 @@ impl Block {
         info!(
             drive_id = config.drive_id,
             path = %path.display(),
+            layers = ?config.layers,
             capacity_sectors,
             read_only,
             cache_type = ?config.cache_type,
@@ -611,7 +949,7 @@ impl Block {
             queue_max_sizes: [QUEUE_SIZE],
             queue_events: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::QueueEvent)?],
             disk: Disk {
-                file,
+                backend,
                 capacity_sectors,
                 id,
                 read_only,
@@ -822,6 +1160,42 @@ impl VirtioDevice for Block {
         }
         persist::restore_device(self, &name, state, mem, interrupt)
     }
+
+    /// A layered drive writes the blocks written since its last snapshot (or its open) as
+    /// `build`'s `disk-<drive>.data` and `disk-<drive>.header`, then reads through the new
+    /// header. `store` must be the store the drive reads from.
+    fn snapshot_disk(&mut self, store: &Store, build: BuildId) -> Result<(), String> {
+        let Backend::Layered(layered) = &mut self.disk.backend else {
+            return Err(format!("drive {} is not a layered drive", self.id));
+        };
+        if !same_store(store.root(), layered.store.root()) {
+            return Err(format!(
+                "drive {} reads from store {}, not from {}: its diff cannot go there",
+                self.id,
+                layered.store.root().display(),
+                store.root().display()
+            ));
+        }
+        if build.is_zero() {
+            return Err(format!(
+                "drive {}: the all-zero build id is reserved",
+                self.id
+            ));
+        }
+        let dirty_blocks = layered.disk.dirty_blocks();
+        let header = layered
+            .disk
+            .snapshot(build)
+            .map_err(|e| format!("drive {}: {}", self.id, crate::diag::error_chain(&e)))?;
+        info!(
+            drive_id = self.id,
+            %build,
+            generation = header.generation,
+            dirty_blocks,
+            "virtio-blk layered drive snapshot written"
+        );
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -885,7 +1259,7 @@ mod tests {
         }
 
         fn contents(&self) -> Vec<u8> {
-            std::fs::read(&self.path).unwrap()
+            fs::read(&self.path).unwrap()
         }
 
         fn drive(&self, read_only: bool, cache_type: CacheType) -> Drive {
@@ -898,6 +1272,7 @@ mod tests {
                 cache_type,
                 io_engine: None,
                 rate_limiter: None,
+                layers: None,
             }
         }
     }
@@ -1664,6 +2039,527 @@ mod tests {
         let mut other = Block::new(&bigger.drive(false, CacheType::Writeback)).unwrap();
         let err = other.restore_state(&state, mem, interrupt).unwrap_err();
         assert!(err.to_string().contains("capacity_sectors"), "{err}");
+    }
+
+    /// A store holding an imported image (byte i is `i % 251`) as its generation 0, for
+    /// layered drives; overlays go next to it.
+    struct TestStore {
+        _dir: tempfile::TempDir,
+        dir: PathBuf,
+        image: PathBuf,
+        store: Store,
+        base: BuildId,
+    }
+
+    impl TestStore {
+        fn new(image_len: u64) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_owned();
+            let image = root.join("base.img");
+            fs::write(&image, expected(0..image_len)).unwrap();
+            let store = Store::new(root.join("store"));
+            let drive = DriveId::new("rootfs").unwrap();
+            let base = store.import_disk_image(&image, &drive).unwrap();
+            Self {
+                _dir: dir,
+                dir: root,
+                image,
+                store,
+                base,
+            }
+        }
+
+        fn drive(&self, build: BuildId, overlay: &str, read_only: bool) -> Drive {
+            Drive {
+                drive_id: "rootfs".into(),
+                path_on_host: Some(self.overlay(overlay).to_string_lossy().into_owned()),
+                is_root_device: true,
+                is_read_only: Some(read_only),
+                partuuid: None,
+                cache_type: CacheType::Writeback,
+                io_engine: None,
+                rate_limiter: None,
+                layers: Some(DriveLayers {
+                    store: self.store.root().to_string_lossy().into_owned(),
+                    build_id: build.to_string(),
+                }),
+            }
+        }
+
+        fn overlay(&self, name: &str) -> PathBuf {
+            self.dir.join(name)
+        }
+
+        fn data_len(&self, build: BuildId) -> u64 {
+            let drive = DriveId::new("rootfs").unwrap();
+            fs::metadata(self.store.disk_data(build, &drive))
+                .unwrap()
+                .len()
+        }
+    }
+
+    /// Acks every feature and activates `block` on `vq`.
+    fn activate(
+        mut block: Block,
+        mem: &GuestMemory,
+        vq: &MockSplitQueue<GuestMemory>,
+    ) -> (Block, Arc<Interrupt>) {
+        block.set_acked_features(u64::MAX);
+        let interrupt = Arc::new(Interrupt::new().unwrap());
+        block
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![transport_queue(vq, QUEUE_SIZE)],
+                interrupt: interrupt.clone(),
+            })
+            .unwrap();
+        (block, interrupt)
+    }
+
+    fn guest_bytes(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut got = vec![0u8; len];
+        mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+        got
+    }
+
+    fn bounce_len(block: &Block) -> usize {
+        match &block.disk.backend {
+            Backend::Layered(layered) => layered.bounce.len(),
+            Backend::File(_) => panic!("not a layered drive"),
+        }
+    }
+
+    const LAYERED_IMAGE: u64 = 64 * 1024 + 100;
+
+    #[test]
+    fn test_block_layered_reads_image_through_queue() {
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let block = Block::new(&ts.drive(ts.base, "overlay", false)).unwrap();
+        // The header's size: the image rounded up to 4 KiB blocks.
+        assert_eq!(block.capacity_sectors(), 17 * 4096 / 512);
+        let (mut block, interrupt) = activate(block, &mem, &vq);
+        // The image's first 3 sectors, split over two buffers, one across the regions.
+        post(
+            &mem,
+            &vq,
+            0,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[(0x2_0000 - 0x200, 1024, WRITE), (0x3_0000, 512, WRITE)],
+        );
+        // The last two sectors: the image's tail, then zeros past its end.
+        post(
+            &mem,
+            &vq,
+            4,
+            VIRTIO_BLK_T_IN,
+            17 * 8 - 2,
+            &[(0x1_0000, 1024, WRITE)],
+        );
+        block.process_queue();
+        assert_eq!(request_status(&mem, 0), OK);
+        assert_eq!(used(&mem, 0), (0, 1536 + 1));
+        let mut first = guest_bytes(&mem, 0x2_0000 - 0x200, 1024);
+        first.extend(guest_bytes(&mem, 0x3_0000, 512));
+        assert_eq!(first, expected(0..1536));
+        assert_eq!(request_status(&mem, 4), OK);
+        let start = (17 * 8 - 2) * 512;
+        let mut want = expected(start..LAYERED_IMAGE);
+        want.resize(1024, 0);
+        assert_eq!(guest_bytes(&mem, 0x1_0000, 1024), want);
+        assert_eq!(interrupt.irqfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn test_block_layered_writes_land_in_overlay_not_image() {
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let image_before = fs::read(&ts.image).unwrap();
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let block = Block::new(&ts.drive(ts.base, "overlay", false)).unwrap();
+        let (mut block, _) = activate(block, &mem, &vq);
+        mem.write_slice(&[0xa5; 4096], GuestAddress(0x1_0000))
+            .unwrap();
+        mem.write_slice(&[0x3c; 512], GuestAddress(0x3_0000))
+            .unwrap();
+        // A whole block (block 1), and one sector in the middle of block 5.
+        post(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 8, &[(0x1_0000, 4096, 0)]);
+        post(&mem, &vq, 3, VIRTIO_BLK_T_OUT, 42, &[(0x3_0000, 512, 0)]);
+        post(&mem, &vq, 6, VIRTIO_BLK_T_FLUSH, 0, &[]);
+        block.process_queue();
+        for first in [0, 3, 6] {
+            assert_eq!(request_status(&mem, first), OK, "request {first}");
+        }
+
+        assert_eq!(fs::read(&ts.image).unwrap(), image_before);
+        let overlay = File::open(ts.overlay("overlay")).unwrap();
+        let mut got = vec![0u8; 4096];
+        overlay.read_exact_at(&mut got, 4096).unwrap();
+        assert_eq!(got, vec![0xa5; 4096]);
+        let mut got = vec![0u8; 512];
+        overlay.read_exact_at(&mut got, 42 * 512).unwrap();
+        assert_eq!(got, vec![0x3c; 512]);
+
+        // Reads see the writes, and the rest of the partly written block is the image's.
+        post(
+            &mem,
+            &vq,
+            9,
+            VIRTIO_BLK_T_IN,
+            40,
+            &[(0x2_8000, 4096, WRITE)],
+        );
+        block.process_queue();
+        assert_eq!(request_status(&mem, 9), OK);
+        let mut want = expected(40 * 512..48 * 512);
+        want[1024..1536].fill(0x3c);
+        assert_eq!(guest_bytes(&mem, 0x2_8000, 4096), want);
+    }
+
+    #[test]
+    fn test_block_layered_snapshot_stores_only_written_blocks_and_reopens() {
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let block = Block::new(&ts.drive(ts.base, "overlay", false)).unwrap();
+        let (mut block, _) = activate(block, &mem, &vq);
+        let payload: Vec<u8> = (0..8192u32)
+            .map(|i| u8::try_from(i * 13 % 255 + 1).unwrap())
+            .collect();
+        mem.write_slice(&payload, GuestAddress(0x1_0000)).unwrap();
+        // Blocks 2..4 in full, one sector of block 10.
+        post(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 16, &[(0x1_0000, 8192, 0)]);
+        post(&mem, &vq, 3, VIRTIO_BLK_T_OUT, 81, &[(0x1_0000, 512, 0)]);
+        block.process_queue();
+        assert_eq!(request_status(&mem, 0), OK);
+        assert_eq!(request_status(&mem, 3), OK);
+
+        let next = BuildId::random().unwrap();
+        block.snapshot_disk(&ts.store, next).unwrap();
+        assert_eq!(ts.data_len(next), 3 * 4096, "only the three written blocks");
+        let drive = DriveId::new("rootfs").unwrap();
+        let header = Header::read(&ts.store.disk_header(next, &drive)).unwrap();
+        assert_eq!(
+            (header.build, header.base, header.generation),
+            (next, ts.base, 1)
+        );
+        drop(block);
+
+        // A fresh device on the new build, with a new, empty overlay.
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let fresh = Block::new(&ts.drive(next, "overlay2", false)).unwrap();
+        let (mut fresh, _) = activate(fresh, &mem, &vq);
+        post(
+            &mem,
+            &vq,
+            0,
+            VIRTIO_BLK_T_IN,
+            8,
+            &[(0x1_0000, 4096 * 3, WRITE)],
+        );
+        post(
+            &mem,
+            &vq,
+            3,
+            VIRTIO_BLK_T_IN,
+            80,
+            &[(0x3_0000, 1024, WRITE)],
+        );
+        fresh.process_queue();
+        assert_eq!(request_status(&mem, 0), OK);
+        assert_eq!(request_status(&mem, 3), OK);
+        let mut want = expected(8 * 512..32 * 512);
+        want[4096..].copy_from_slice(&payload);
+        assert_eq!(guest_bytes(&mem, 0x1_0000, 4096 * 3), want);
+        let mut want = expected(80 * 512..82 * 512);
+        want[512..].copy_from_slice(&payload[..512]);
+        assert_eq!(guest_bytes(&mem, 0x3_0000, 1024), want);
+    }
+
+    #[test]
+    fn test_block_layered_request_larger_than_bounce_buffer_round_trips() {
+        const LEN: u32 = 0x28_0000; // 2.5 MiB: three bounce steps
+        let ts = TestStore::new(4 << 20);
+        let mem = GuestMemory::from_ranges(&[
+            (GuestAddress(0), 0x2_0000),
+            (GuestAddress(0x2_0000), 0x60_0000),
+        ])
+        .unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let block = Block::new(&ts.drive(ts.base, "overlay", false)).unwrap();
+        let (mut block, _) = activate(block, &mem, &vq);
+        let payload: Vec<u8> = (0..LEN).map(|i| u8::try_from(i % 253).unwrap()).collect();
+        mem.write_slice(&payload, GuestAddress(0x10_0000)).unwrap();
+        post(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 7, &[(0x10_0000, LEN, 0)]);
+        post(&mem, &vq, 3, VIRTIO_BLK_T_IN, 7, &[(0x38_0000, LEN, WRITE)]);
+        block.process_queue();
+        assert_eq!(request_status(&mem, 0), OK);
+        assert_eq!(request_status(&mem, 3), OK);
+        assert_eq!(used(&mem, 1), (3, LEN + 1));
+        assert_eq!(
+            guest_bytes(&mem, 0x38_0000, usize::try_from(LEN).unwrap()),
+            payload
+        );
+        assert_eq!(
+            bounce_len(&block),
+            BOUNCE_MAX,
+            "the bounce buffer stays bounded"
+        );
+    }
+
+    #[test]
+    fn test_block_layered_read_marks_the_pages_dirty() {
+        use crate::virtio::persist::testing::{clear_dirty, is_dirty};
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let block = Block::new(&ts.drive(ts.base, "overlay", true)).unwrap();
+        let (mut block, _) = activate(block, &mem, &vq);
+        post(
+            &mem,
+            &vq,
+            0,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[(0x1_f000, 0x1000, WRITE), (0x2_0000, 0x1000, WRITE)],
+        );
+        clear_dirty(&mem);
+        block.process_queue();
+        assert_eq!(request_status(&mem, 0), OK);
+        assert!(is_dirty(&mem, 0x1_f000));
+        assert!(is_dirty(&mem, 0x2_0fff));
+        assert!(!is_dirty(&mem, 0x2_1000), "a page nobody wrote is clean");
+    }
+
+    #[test]
+    fn test_block_layered_read_only_refuses_writes() {
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let image_before = fs::read(&ts.image).unwrap();
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let block = Block::new(&ts.drive(ts.base, "overlay", true)).unwrap();
+        assert!(block.is_read_only());
+        assert_ne!(block.avail_features() & feature(VIRTIO_BLK_F_RO), 0);
+        let (mut block, _) = activate(block, &mem, &vq);
+        mem.write_slice(&[0xab; 512], GuestAddress(0x1_0000))
+            .unwrap();
+        post(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 0, &[(0x1_0000, 512, 0)]);
+        post(&mem, &vq, 3, VIRTIO_BLK_T_IN, 0, &[(0x3_0000, 512, WRITE)]);
+        block.process_queue();
+        assert_eq!(request_status(&mem, 0), IOERR);
+        assert_eq!(request_status(&mem, 3), OK);
+        assert_eq!(guest_bytes(&mem, 0x3_0000, 512), expected(0..512));
+        assert_eq!(fs::read(&ts.image).unwrap(), image_before);
+        let overlay = fs::read(ts.overlay("overlay")).unwrap();
+        assert!(overlay.iter().all(|&b| b == 0), "the overlay was written");
+        // Nothing was written, so a snapshot stores no data.
+        let next = BuildId::random().unwrap();
+        block.snapshot_disk(&ts.store, next).unwrap();
+        assert_eq!(ts.data_len(next), 0);
+    }
+
+    #[test]
+    fn test_block_layered_bad_layers_fail_at_construction() {
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let good = ts.drive(ts.base, "overlay", false);
+
+        let mut drive = good.clone();
+        let missing = ts.dir.join("no-store");
+        drive.layers.as_mut().unwrap().store = missing.to_string_lossy().into_owned();
+        let err = Block::new(&drive).unwrap_err();
+        assert!(matches!(err, BlockError::LayersStore { .. }), "{err:?}");
+        assert!(err.to_string().contains("layers.store"), "{err}");
+        assert!(err.to_string().contains("no-store"), "{err}");
+
+        let mut drive = good.clone();
+        drive.layers.as_mut().unwrap().store = ts.image.to_string_lossy().into_owned();
+        let err = Block::new(&drive).unwrap_err();
+        assert!(
+            matches!(err, BlockError::LayersStoreNotDir { .. }),
+            "{err:?}"
+        );
+
+        // A well-formed build id the store does not hold: no header.
+        let absent = BuildId::random().unwrap();
+        let err = Block::new(&ts.drive(absent, "overlay", false)).unwrap_err();
+        assert!(matches!(err, BlockError::LayersHeader { .. }), "{err:?}");
+        assert!(err.to_string().contains(&absent.to_string()), "{err}");
+        assert!(err.to_string().contains("disk-rootfs.header"), "{err}");
+
+        for text in ["not-hex", &"0".repeat(32)] {
+            let mut drive = good.clone();
+            drive.layers.as_mut().unwrap().build_id = text.to_owned();
+            let err = Block::new(&drive).unwrap_err();
+            assert!(matches!(err, BlockError::LayersBuildId { .. }), "{err:?}");
+            assert!(err.to_string().contains("layers.build_id"), "{err}");
+        }
+
+        let mut drive = good.clone();
+        drive.drive_id = "../escape".into();
+        let err = Block::new(&drive).unwrap_err();
+        assert!(matches!(err, BlockError::LayersDriveId { .. }), "{err:?}");
+
+        // A header copied into another build's directory is refused.
+        let other = BuildId::random().unwrap();
+        let rootfs = DriveId::new("rootfs").unwrap();
+        ts.store.create_build_dir(other).unwrap();
+        fs::copy(
+            ts.store.disk_header(ts.base, &rootfs),
+            ts.store.disk_header(other, &rootfs),
+        )
+        .unwrap();
+        let err = Block::new(&ts.drive(other, "overlay", false)).unwrap_err();
+        assert!(matches!(err, BlockError::HeaderBuild { .. }), "{err:?}");
+        assert!(!ts.overlay("overlay").exists(), "nothing was created");
+    }
+
+    #[test]
+    fn test_block_layered_overlay_on_the_base_image_is_refused() {
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let image_before = fs::read(&ts.image).unwrap();
+        let mut drive = ts.drive(ts.base, "overlay", false);
+        drive.path_on_host = Some(ts.image.to_string_lossy().into_owned());
+        let err = check_layered_drive(&drive).unwrap_err();
+        assert!(matches!(err, BlockError::OverlayIsLayer { .. }), "{err:?}");
+        let err = Block::new(&drive).unwrap_err();
+        assert!(matches!(err, BlockError::OverlayIsLayer { .. }), "{err:?}");
+        assert!(err.to_string().contains("path_on_host"), "{err}");
+        assert_eq!(fs::read(&ts.image).unwrap(), image_before);
+    }
+
+    #[test]
+    fn test_block_check_layered_drive_accepts_missing_overlay_only_in_existing_dir() {
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let drive = ts.drive(ts.base, "overlay", false);
+        check_layered_drive(&drive).unwrap();
+        assert!(!ts.overlay("overlay").exists(), "the check creates nothing");
+        let mut drive = ts.drive(ts.base, "no-dir/overlay", false);
+        let err = check_layered_drive(&drive).unwrap_err();
+        assert!(matches!(err, BlockError::OverlayDir { .. }), "{err:?}");
+        drive.path_on_host = Some(ts.dir.to_string_lossy().into_owned());
+        let err = check_layered_drive(&drive).unwrap_err();
+        assert!(matches!(err, BlockError::Directory { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn test_block_snapshot_disk_refuses_plain_drive_and_other_store() {
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let disk = TestDisk::new(4096);
+        let mut plain = Block::new(&disk.drive(false, CacheType::Unsafe)).unwrap();
+        let build = BuildId::random().unwrap();
+        let err = plain.snapshot_disk(&ts.store, build).unwrap_err();
+        assert!(err.contains("not a layered drive"), "{err}");
+
+        let mut layered = Block::new(&ts.drive(ts.base, "overlay", false)).unwrap();
+        let elsewhere = Store::new(ts.dir.join("other-store"));
+        let err = layered.snapshot_disk(&elsewhere, build).unwrap_err();
+        assert!(err.contains("other-store"), "{err}");
+        assert!(!elsewhere.build_dir(build).exists());
+        assert!(!ts.store.build_dir(build).exists());
+        // The same store through another spelling of its path is accepted.
+        let spelled = Store::new(ts.dir.join(".").join("store"));
+        layered.snapshot_disk(&spelled, build).unwrap();
+        assert_eq!(ts.data_len(build), 0);
+    }
+
+    #[test]
+    fn test_block_layered_save_restore_keeps_capacity_and_serves_new_build() {
+        use crate::virtio::persist::testing::copy_guest_memory;
+
+        let ts = TestStore::new(LAYERED_IMAGE);
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let block = Block::new(&ts.drive(ts.base, "overlay", false)).unwrap();
+        let (mut block, _) = activate(block, &mem, &vq);
+        mem.write_slice(&[0x77; 512], GuestAddress(0x1_0000))
+            .unwrap();
+        post(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 9, &[(0x1_0000, 512, 0)]);
+        block.process_queue();
+        assert_eq!(request_status(&mem, 0), OK);
+        let state = block_state(&block);
+        assert!(matches!(
+            state.kind,
+            DeviceKindState::Block {
+                read_only: false,
+                capacity_sectors: 136
+            }
+        ));
+        let next = BuildId::random().unwrap();
+        block.snapshot_disk(&ts.store, next).unwrap();
+        drop(block);
+
+        let copy = memory();
+        let vq = MockSplitQueue::new(&copy, 16);
+        copy_guest_memory(&mem, &copy);
+        let mut restored = Block::new(&ts.drive(next, "overlay2", false)).unwrap();
+        restored
+            .restore_state(&state, copy.clone(), Arc::new(Interrupt::new().unwrap()))
+            .unwrap();
+        post(&copy, &vq, 3, VIRTIO_BLK_T_IN, 9, &[(0x3_0000, 512, WRITE)]);
+        restored.process_queue();
+        assert_eq!(request_status(&copy, 3), OK);
+        assert_eq!(guest_bytes(&copy, 0x3_0000, 512), vec![0x77; 512]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Random sector-aligned writes and reads through the queue on a layered drive match
+        /// a model of the disk; the base image never changes; after a snapshot, a fresh
+        /// device on the new build reads the model back.
+        #[test]
+        fn test_block_layered_random_io_matches_model(
+            ops in proptest::collection::vec(
+                (any::<bool>(), 0u64..136, 1u64..24, any::<u8>()),
+                // The mock's avail ring does not wrap: at most 15 requests per queue.
+                1..16,
+            ),
+        ) {
+            let ts = TestStore::new(LAYERED_IMAGE);
+            let image_before = fs::read(&ts.image).unwrap();
+            let mut model = expected(0..LAYERED_IMAGE);
+            model.resize(136 * 512, 0);
+            let mem = memory();
+            let vq = MockSplitQueue::new(&mem, 16);
+            let block = Block::new(&ts.drive(ts.base, "overlay", false)).unwrap();
+            let (mut block, _) = activate(block, &mem, &vq);
+            for (i, &(write, sector, sectors, seed)) in ops.iter().enumerate() {
+                let sectors = sectors.min(136 - sector);
+                let len = usize::try_from(sectors * 512).unwrap();
+                let start = usize::try_from(sector * 512).unwrap();
+                let first = u16::try_from(i % 5 * 3).unwrap();
+                let buf_len = u32::try_from(len).unwrap();
+                if write {
+                    let data: Vec<u8> = (0..len)
+                        .map(|j| seed.wrapping_add(u8::try_from(j % 256).unwrap()))
+                        .collect();
+                    mem.write_slice(&data, GuestAddress(0x1_0000)).unwrap();
+                    post(&mem, &vq, first, VIRTIO_BLK_T_OUT, sector, &[(0x1_0000, buf_len, 0)]);
+                    model[start..start + len].copy_from_slice(&data);
+                } else {
+                    post(&mem, &vq, first, VIRTIO_BLK_T_IN, sector, &[(0x3_0000, buf_len, WRITE)]);
+                }
+                block.process_queue();
+                prop_assert_eq!(request_status(&mem, first), OK);
+                if !write {
+                    prop_assert_eq!(guest_bytes(&mem, 0x3_0000, len), model[start..start + len].to_vec());
+                }
+            }
+            prop_assert_eq!(fs::read(&ts.image).unwrap(), image_before);
+
+            let next = BuildId::random().unwrap();
+            block.snapshot_disk(&ts.store, next).unwrap();
+            let mem = memory();
+            let vq = MockSplitQueue::new(&mem, 16);
+            let fresh = Block::new(&ts.drive(next, "overlay2", true)).unwrap();
+            let (mut fresh, _) = activate(fresh, &mem, &vq);
+            post(&mem, &vq, 0, VIRTIO_BLK_T_IN, 0, &[(0x2_0000, 136 * 512, WRITE)]);
+            fresh.process_queue();
+            prop_assert_eq!(request_status(&mem, 0), OK);
+            prop_assert_eq!(guest_bytes(&mem, 0x2_0000, 136 * 512), model);
+        }
     }
 
     proptest! {

@@ -204,6 +204,20 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
         interrupt: Arc<Interrupt>,
     ) -> Result<(), PersistError>;
 
+    /// Writes a layered drive's disk diff as build `build` of `store`: the blocks the guest
+    /// wrote since the drive's last snapshot (or its open) become `disk-<drive>.data`, the
+    /// drive's header with them remapped becomes `disk-<drive>.header`, and the drive goes on
+    /// reading through that header. Called with the vCPUs paused, on the VMM thread, so
+    /// nothing is in flight. Devices other than layered drives refuse.
+    fn snapshot_disk(
+        &mut self,
+        store: &wrenn_snapshot::store::Store,
+        build: wrenn_snapshot::id::BuildId,
+    ) -> Result<(), String> {
+        let _ = (store, build);
+        Err("not a layered drive".into())
+    }
+
     /// Makes the device look at its queues again, as if the guest had notified every one
     /// (after a resume, buffers may have been posted while the device was not looking).
     fn kick(&self) {

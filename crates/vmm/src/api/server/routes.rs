@@ -226,6 +226,7 @@ mod tests {
                 cache_type: CacheType::Writeback,
                 io_engine: None,
                 rate_limiter: None,
+                layers: None,
             })
         );
     }
