@@ -298,7 +298,7 @@ impl LayeredDisk {
         let diff = writer.finish()?;
         let header = self.header().apply_diff(new_build, &diff.runs)?;
         header.write(&self.store.disk_header(new_build, &self.drive))?;
-        self.layers = LayeredFile::open(&self.store, header.clone(), &kind)?;
+        self.layers.advance(&self.store, header.clone(), &kind)?;
         self.dirty.clear_all();
         tracing::info!(build = %new_build, drive = %self.drive, generation = header.generation,
             dirty_blocks = dirty.len(), data_len = diff.data_len, "disk snapshot written");
@@ -356,6 +356,22 @@ mod tests {
         let mut buf = vec![0xEEu8; usize::try_from(disk.size()).unwrap()];
         disk.read_at(0, &mut buf).unwrap();
         buf
+    }
+
+    #[test]
+    fn test_layered_disk_snapshot_keeps_layers_unreachable_by_path() {
+        // Inside the VMM's jail the imported image's symlink target is gone from view: a
+        // snapshot must keep reading through the file it opened, not open it again.
+        let f = fixture(4 * 4096);
+        let mut disk = f.open(f.header.clone(), "overlay");
+        disk.write_at(0, &[7; 10]).unwrap();
+        fs::rename(f.dir.join("image"), f.dir.join("image-moved")).unwrap();
+        let build = BuildId::random().unwrap();
+        let header = disk.snapshot(build).unwrap();
+        assert_eq!(header.generation, 1);
+        let mut model = f.model.clone();
+        model[..10].fill(7);
+        assert_eq!(read_all(&disk), model);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use crate::header::{Header, HeaderError, Location};
+use crate::header::{BuildInfo, Header, HeaderError, Location};
 use crate::id::BuildId;
 use crate::store::{DeviceKind, Store};
 
@@ -61,6 +61,30 @@ struct Layer {
     data_len: u64,
 }
 
+fn open_layer(store: &Store, info: &BuildInfo, kind: &DeviceKind) -> Result<Layer, LayeredError> {
+    let path = store.data_path(info.id, kind);
+    let open_err = |source| LayeredError::Open {
+        build: info.id,
+        path: path.clone(),
+        source,
+    };
+    let file = File::open(&path).map_err(open_err)?;
+    let actual = file.metadata().map_err(open_err)?.len();
+    if actual < info.data_len {
+        return Err(LayeredError::Short {
+            build: info.id,
+            path,
+            expected: info.data_len,
+            actual,
+        });
+    }
+    Ok(Layer {
+        file,
+        path,
+        data_len: info.data_len,
+    })
+}
+
 /// A device read through its header. See the module doc.
 #[derive(Debug)]
 pub struct LayeredFile {
@@ -78,40 +102,35 @@ impl LayeredFile {
         header.validate()?;
         let mut layers = HashMap::with_capacity(header.builds.len());
         for info in &header.builds {
-            let path = store.data_path(info.id, kind);
-            let file = File::open(&path).map_err(|source| LayeredError::Open {
-                build: info.id,
-                path: path.clone(),
-                source,
-            })?;
-            let actual = file
-                .metadata()
-                .map_err(|source| LayeredError::Open {
-                    build: info.id,
-                    path: path.clone(),
-                    source,
-                })?
-                .len();
-            if actual < info.data_len {
-                return Err(LayeredError::Short {
-                    build: info.id,
-                    path,
-                    expected: info.data_len,
-                    actual,
-                });
-            }
-            layers.insert(
-                info.id,
-                Layer {
-                    file,
-                    path,
-                    data_len: info.data_len,
-                },
-            );
+            layers.insert(info.id, open_layer(store, info, kind)?);
         }
         tracing::debug!(build = %header.build, generation = header.generation,
             layers = layers.len(), "opened layered {kind}");
         Ok(LayeredFile { header, layers })
+    }
+
+    /// Moves on to `header`, a later generation of the same device. Layers already open stay
+    /// open and are not looked up by path again (inside the VMM's jail an imported image's
+    /// symlink target is no longer reachable); only builds new in `header` are opened, and
+    /// builds it no longer references are closed.
+    pub fn advance(
+        &mut self,
+        store: &Store,
+        header: Header,
+        kind: &DeviceKind,
+    ) -> Result<(), LayeredError> {
+        header.validate()?;
+        let mut layers = HashMap::with_capacity(header.builds.len());
+        for info in &header.builds {
+            let layer = match self.layers.remove(&info.id) {
+                Some(layer) if layer.data_len >= info.data_len => layer,
+                _ => open_layer(store, info, kind)?,
+            };
+            layers.insert(info.id, layer);
+        }
+        self.header = header;
+        self.layers = layers;
+        Ok(())
     }
 
     pub fn header(&self) -> &Header {

@@ -469,3 +469,140 @@ fn wait_clone_value(vmm: &mut Vmm) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Each round the guest appends a line to a file on its root disk, syncs, drops its page cache
+/// and counts the lines from the disk: `DISK=<round>:<lines>`.
+const DISK_LOG: &str = "i=0\nwhile :; do i=$((i+1)); echo $i >> /disklog; sync; \
+    echo 3 > /proc/sys/vm/drop_caches; echo DISK=$i:$(wc -l < /disklog); sleep 0.2; done\n";
+
+fn disk_rounds(console: &str) -> Vec<(u64, u64)> {
+    console
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| {
+            let (round, lines) = l.trim().strip_prefix("DISK=")?.split_once(':')?;
+            Some((round.parse().ok()?, lines.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn wait_disk_rounds(vmm: &mut Vmm, n: usize) -> Vec<(u64, u64)> {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let found = disk_rounds(&vmm.console_text());
+        if found.len() >= n {
+            return found;
+        }
+        if let Ok(Some(status)) = vmm.child.try_wait() {
+            panic!(
+                "VMM exited ({status})\nconsole:\n{}\nlog:\n{}",
+                vmm.console_text(),
+                vmm.log()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} DISK lines\nconsole:\n{}\nlog:\n{}",
+            vmm.console_text(),
+            vmm.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn file_digest(path: &Path) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut file = std::fs::File::open(path).unwrap();
+    std::io::copy(&mut file, &mut hasher).unwrap();
+    hasher.finalize().to_vec()
+}
+
+#[test]
+fn test_layered_root_disk_keeps_writes_across_generations_and_never_touches_the_image() {
+    if !probe::usable_for_test(
+        "test_layered_root_disk_keeps_writes_across_generations_and_never_touches_the_image",
+    ) {
+        return;
+    }
+    let image_path = image(ImageKind::Test);
+    let image_digest = file_digest(&image_path);
+    let mut vmm = Vmm::start(None);
+    let store_dir = vmm.path("store");
+    std::fs::create_dir(&store_dir).unwrap();
+    let store = wrenn_snapshot::store::Store::new(&store_dir);
+    let rootfs = wrenn_snapshot::store::DriveId::new("rootfs").unwrap();
+    let base = store.import_disk_image(&image_path, &rootfs).unwrap();
+
+    vmm.configure(1, 128, &boot_args(DISK_LOG, true));
+    vmm.put_ok(
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#,
+    );
+    let drive = serde_json::json!({
+        "drive_id": "rootfs",
+        "path_on_host": vmm.path("overlay"),
+        "is_root_device": true,
+        "is_read_only": false,
+        "layers": {"store": store_dir, "build_id": base.to_string()},
+    });
+    vmm.put_ok("/drives/rootfs", &drive.to_string());
+    vmm.start_instance();
+    vmm.wait_console("WRENN_GUEST_READY", GUEST_TIMEOUT);
+
+    let builds = [new_build_id(), new_build_id()];
+    let mut rounds_at = 0;
+    for (generation, build) in builds.iter().enumerate() {
+        wait_disk_rounds(&mut vmm, 3 * (generation + 1));
+        pause(&vmm);
+        let kind = if generation == 0 { "Full" } else { "Diff" };
+        layered_snapshot(&vmm, &store_dir, build, kind);
+        rounds_at = disk_rounds(&vmm.console_text()).last().unwrap().0;
+        if generation == 0 {
+            vmm.request_ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+        }
+    }
+    let _dir = kill(vmm);
+
+    // Generation 1's disk diff holds the blocks written since generation 0, nothing like the
+    // whole disk; the image the disk started from is unchanged.
+    let top: wrenn_snapshot::id::BuildId = builds[1].parse().unwrap();
+    let diff_len = std::fs::metadata(store.disk_data(top, &rootfs))
+        .unwrap()
+        .len();
+    let image_len = std::fs::metadata(&image_path).unwrap().len();
+    assert!(
+        diff_len < image_len / 4,
+        "disk diff {diff_len} bytes for a {image_len}-byte disk"
+    );
+    assert_eq!(
+        file_digest(&image_path),
+        image_digest,
+        "the base image changed"
+    );
+
+    let overlay_dir = tempfile::tempdir().unwrap();
+    let mut restored = restore(serde_json::json!({
+        "layers": {"store": store_dir, "build_id": builds[1]},
+        "mem_backend": {"backend_type": "File"},
+        "drive_overrides": [{"drive_id": "rootfs", "path_on_host": overlay_dir.path().join("overlay")}],
+        "resume_vm": true,
+    }));
+    let found = wait_disk_rounds(&mut restored, 3);
+    assert!(
+        found[0].0 > rounds_at && found[0].0 <= rounds_at + 3,
+        "snapshot at round {rounds_at}, restored at {found:?}"
+    );
+    for (round, lines) in &found {
+        assert_eq!(
+            round, lines,
+            "lines written before the pause were lost: {found:?}"
+        );
+    }
+    drop(restored);
+    assert_eq!(
+        file_digest(&image_path),
+        image_digest,
+        "the base image changed"
+    );
+}
