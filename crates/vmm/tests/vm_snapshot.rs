@@ -264,6 +264,17 @@ fn pager_binary() -> std::path::PathBuf {
 
 /// A `wrenn-pager` process serving build `build` of `store` on `socket`.
 fn start_pager(socket: &Path, store: &Path, build: &str, log: &Path) -> std::process::Child {
+    start_pager_with(socket, store, build, log, &[], std::process::Stdio::null())
+}
+
+fn start_pager_with(
+    socket: &Path,
+    store: &Path,
+    build: &str,
+    log: &Path,
+    extra: &[&std::ffi::OsStr],
+    stdout: std::process::Stdio,
+) -> std::process::Child {
     let child = std::process::Command::new(pager_binary())
         .arg("--socket")
         .arg(socket)
@@ -271,7 +282,8 @@ fn start_pager(socket: &Path, store: &Path, build: &str, log: &Path) -> std::pro
         .arg(store)
         .arg("--build")
         .arg(build)
-        .stdout(std::process::Stdio::null())
+        .args(extra)
+        .stdout(stdout)
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("spawn wrenn-pager");
@@ -604,5 +616,87 @@ fn test_layered_root_disk_keeps_writes_across_generations_and_never_touches_the_
         file_digest(&image_path),
         image_digest,
         "the base image changed"
+    );
+}
+
+/// The page server's stats (printed as JSON when the VM it served ended).
+fn pager_stats(mut pager: std::process::Child, stdout: &Path, log: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pager.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the page server did not end with its VM: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(stdout).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "stats {text:?}: {e}\nlog:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    })
+}
+
+#[test]
+fn test_second_resume_of_a_build_is_prefetched_from_the_first() {
+    if !probe::usable_for_test("test_second_resume_of_a_build_is_prefetched_from_the_first") {
+        return;
+    }
+    let mut vmm = boot_test_image(128, COUNTER, false);
+    wait_values(&mut vmm, "COUNT", 3);
+    pause(&vmm);
+    let store = vmm.path("store");
+    std::fs::create_dir(&store).unwrap();
+    let build = new_build_id();
+    layered_snapshot(&vmm, &store, &build, "Full");
+    let _dir = kill(vmm);
+
+    let record = store.join("prefetch");
+    let mut faults = Vec::new();
+    for (round, extra) in [("record", "--record"), ("prefetch", "--prefetch-file")]
+        .iter()
+        .enumerate()
+    {
+        let (name, flag) = extra;
+        let socket = store.join(format!("{name}.sock"));
+        let (out, log) = (
+            store.join(format!("{name}.json")),
+            store.join(format!("{name}.log")),
+        );
+        let pager = start_pager_with(
+            &socket,
+            &store,
+            &build,
+            &log,
+            &[std::ffi::OsStr::new(flag), record.as_os_str()],
+            std::process::Stdio::from(std::fs::File::create(&out).unwrap()),
+        );
+        let mut restored = restore(serde_json::json!({
+            "layers": {"store": store, "build_id": build},
+            "mem_backend": {"backend_type": "Uffd", "backend_path": socket},
+            "drive_overrides": root_override(),
+            "resume_vm": true,
+        }));
+        wait_values(&mut restored, "COUNT", 5);
+        drop(restored);
+        let stats = pager_stats(pager, &out, &log);
+        let faulted = stats["faults"].as_u64().unwrap();
+        let prefetched = stats["prefetched_pages"].as_u64().unwrap();
+        if round == 0 {
+            assert_eq!(prefetched, 0, "{stats}");
+            assert!(record.exists(), "no prefetch record written");
+        } else {
+            assert!(prefetched > 0, "nothing prefetched: {stats}");
+        }
+        faults.push(faulted);
+    }
+    // The second resume faults on far fewer pages: the first one's set was installed up front.
+    assert!(
+        faults[1] * 2 < faults[0],
+        "faults without prefetch {}, with {}",
+        faults[0],
+        faults[1]
     );
 }
