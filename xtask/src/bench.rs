@@ -4,6 +4,10 @@
 //!
 //! `vmm`: wrenn-vmm against QEMU microvm on the same kernel and images (see `bench_vmm.rs`).
 //!
+//! `snapshot`: wrenn-vmm's snapshots (restore from a file and through wrenn-pager, Diff size
+//! and time, memory of lazy clones) against QEMU's migration to a file (see
+//! `bench_snapshot.rs`).
+//!
 //! `guest`: the foundation's baselines: kernel and image build times and sizes (as recorded
 //! when they were built, or rebuilt now with `--rebuild`), the host VM's boot to a running
 //! command, and our guest's boot to its ready marker under QEMU microvm on the host VM's KVM,
@@ -23,9 +27,9 @@ use wrenn_image::guest;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmark to run: `guest` or `vmm`.
+    /// Benchmark to run: `guest`, `vmm` or `snapshot`.
     name: String,
-    /// Samples per measurement (default: 5 for `guest`, 10 for `vmm`).
+    /// Samples per measurement (default: 5 for `guest`, 10 for `vmm` and `snapshot`).
     #[arg(long)]
     runs: Option<usize>,
     /// Rebuild the kernel and images first, so their build times are measured now.
@@ -42,7 +46,9 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
         "guest" => bench_guest(cache, &args),
         "vmm" if args.inner => crate::bench_vmm::inner(cache, args.runs),
         "vmm" => crate::bench_vmm::outer(cache, args.runs),
-        other => bail!("unknown benchmark {other:?}; available: guest, vmm"),
+        "snapshot" if args.inner => crate::bench_snapshot::inner(cache, args.runs),
+        "snapshot" => crate::bench_snapshot::outer(cache, args.runs),
+        other => bail!("unknown benchmark {other:?}; available: guest, vmm, snapshot"),
     }
 }
 

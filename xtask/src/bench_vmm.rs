@@ -57,12 +57,12 @@ const MEM_MIB: u32 = 256;
 /// Idle time between the marker and reading smaps.
 const SETTLE: Duration = Duration::from_secs(2);
 /// Nested guests are slow; a boot that takes this long is broken.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The whole inner run (host VM boot included).
 const HOSTVM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-const API_TIMEOUT: Duration = Duration::from_secs(20);
-const GUEST_CID: u32 = 3;
-const ECHO_PORT: u32 = 5000;
+pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const GUEST_CID: u32 = 3;
+pub(crate) const ECHO_PORT: u32 = 5000;
 const SINK_PORT: u32 = 5001;
 const SOURCE_PORT: u32 = 5002;
 const PING_WARMUP: usize = 50;
@@ -72,10 +72,10 @@ const STREAM_MIB: u64 = 64;
 const CHUNK: usize = 1 << 20;
 const DATA_MIB: u64 = 256;
 /// Kernel command line parameters both monitors get on top of QEMU's reference line.
-const MICROVM_CMDLINE: &str = " pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+pub(crate) const MICROVM_CMDLINE: &str = " pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// Outer -> inner: the wrenn-vmm binary to measure.
-const VMM_ENV: &str = "WRENN_BENCH_VMM";
+pub(crate) const VMM_ENV: &str = "WRENN_BENCH_VMM";
 
 /// Guest side of the I/O rounds (base image, run by wrenn-init): find the drive whose serial is
 /// `data`, write it and read it back with O_DIRECT, then serve vsock: 5000 echoes, 5001 takes
@@ -126,7 +126,7 @@ exec python3 /tmp/v.py
 
 /// The two monitors compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Monitor {
+pub(crate) enum Monitor {
     Wrenn,
     Qemu,
 }
@@ -134,7 +134,7 @@ enum Monitor {
 impl Monitor {
     const BOTH: [Monitor; 2] = [Monitor::Wrenn, Monitor::Qemu];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Monitor::Wrenn => "wrenn",
             Monitor::Qemu => "qemu",
@@ -168,35 +168,58 @@ pub fn outer(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
         None => build_vmm()?,
     };
     println!("# wrenn-vmm: {}", vmm.display());
-
-    let placement = wrenn_hostvm::decide()?.placement;
     let vmm_path = path_string(&vmm)?;
+    let samples = run_inner(
+        cache,
+        "vmm",
+        runs,
+        &[(VMM_ENV, vmm_path.as_str())],
+        HOSTVM_TIMEOUT,
+        Duration::from_secs(180),
+    )?;
+    report(&samples)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Samples of one inner run, by monitor and metric.
+pub(crate) type Samples = BTreeMap<(Monitor, String), Vec<f64>>;
+
+/// Runs `cargo xtask bench NAME --inner --runs RUNS` where a usable KVM exists (inside the host
+/// VM with one vCPU: its clock is then the TSC; with more it is 4 ms jiffies), with `env` set,
+/// and returns its SAMPLE lines (everything else it prints is passed through). `timeout` limits
+/// the whole run (host VM boot included); `quiet` limits silence: the emulated host VM can
+/// stall, and minutes without output end the run with a clear error instead of waiting for
+/// the overall limit.
+pub(crate) fn run_inner(
+    cache: &Cache,
+    name: &str,
+    runs: usize,
+    env: &[(&str, &str)],
+    timeout: Duration,
+    quiet: Duration,
+) -> Result<Samples> {
+    let placement = wrenn_hostvm::decide()?.placement;
     let argv: Vec<OsString> = vec![
         std::env::current_exe()?.into_os_string(),
         "bench".into(),
-        "vmm".into(),
+        name.into(),
         "--inner".into(),
         "--runs".into(),
         runs.to_string().into(),
     ];
-    // One vCPU: the host VM's clock is then the TSC (with more it is 4 ms jiffies).
-    let mut options =
-        RunOptions::new(placement).with_overrides(Some(1), None, Some(HOSTVM_TIMEOUT));
-    // The emulated host VM can stall; samples arrive every few seconds, so minutes of silence
-    // end the run with a clear error instead of waiting for the overall limit.
-    options.quiet_timeout = Some(Duration::from_secs(180));
-    let spec = crate::hostvm::spec(cache, &argv, &[(VMM_ENV, vmm_path.as_str())]);
+    let mut options = RunOptions::new(placement).with_overrides(Some(1), None, Some(timeout));
+    options.quiet_timeout = Some(quiet);
+    let spec = crate::hostvm::spec(cache, &argv, env);
     let mut capture = SampleCapture::default();
     let code = wrenn_hostvm::run(&spec, &options, cache, &mut capture, &mut std::io::stderr())?;
     capture.finish();
     if code != 0 {
-        bail!("the vmm benchmark inside the host VM failed (exit code {code}); see above");
+        bail!("the {name} benchmark inside the host VM failed (exit code {code}); see above");
     }
-    report(&capture.samples)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(capture.samples)
 }
 
-fn path_string(path: &Path) -> Result<String> {
+pub(crate) fn path_string(path: &Path) -> Result<String> {
     path.to_str()
         .map(str::to_owned)
         .with_context(|| format!("{} is not valid UTF-8", path.display()))
@@ -204,39 +227,37 @@ fn path_string(path: &Path) -> Result<String> {
 
 /// `cargo build --release` of the wrenn-vmm binary; returns its path.
 fn build_vmm() -> Result<PathBuf> {
-    eprintln!("==> building wrenn-vmm (release)");
+    build_release("wrenn-vmm", "wrenn-vmm")
+}
+
+/// `cargo build --release` of binary `bin` of package `package`; returns its path.
+pub(crate) fn build_release(package: &str, bin: &str) -> Result<PathBuf> {
+    eprintln!("==> building {bin} (release)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "wrenn-vmm",
-            "--bin",
-            "wrenn-vmm",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(["build", "--release", "-p", package, "--bin", bin])
+        .arg("--message-format=json-render-diagnostics")
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo build")?;
     ensure!(
         out.status.success(),
-        "building wrenn-vmm in release mode failed ({})",
+        "building {bin} in release mode failed ({})",
         out.status
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "wrenn-vmm")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo build named no wrenn-vmm executable")
+        .with_context(|| format!("cargo build named no {bin} executable"))
 }
 
 /// Collects the inner run's SAMPLE lines, passing everything else through.
 #[derive(Default)]
 struct SampleCapture {
     line: Vec<u8>,
-    samples: BTreeMap<(Monitor, String), Vec<f64>>,
+    samples: Samples,
 }
 
 impl SampleCapture {
@@ -291,16 +312,16 @@ fn parse_sample(line: &str) -> Option<(Monitor, String, f64)> {
 
 /// Order statistics of one metric's samples.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Stats {
-    median: f64,
-    p99: f64,
-    min: f64,
-    max: f64,
-    count: usize,
+pub(crate) struct Stats {
+    pub(crate) median: f64,
+    pub(crate) p99: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+    pub(crate) count: usize,
 }
 
 impl Stats {
-    fn of(samples: &[f64]) -> Option<Stats> {
+    pub(crate) fn of(samples: &[f64]) -> Option<Stats> {
         let mut s = samples.to_vec();
         s.sort_by(f64::total_cmp);
         let (&min, &max) = (s.first()?, s.last()?);
@@ -350,7 +371,7 @@ const METRICS: &[Metric] = &[
     metric("blk_read", "MiB/s", false),
 ];
 
-fn format_value(value: f64, unit: &str) -> String {
+pub(crate) fn format_value(value: f64, unit: &str) -> String {
     match unit {
         "ms" | "MiB" | "MiB/s" => format!("{value:.1}{unit}"),
         "us" => format!("{value:.0}{unit}"),
@@ -359,7 +380,7 @@ fn format_value(value: f64, unit: &str) -> String {
 }
 
 /// Prints the BENCH lines and the RESULT line.
-fn report(samples: &BTreeMap<(Monitor, String), Vec<f64>>) -> Result<()> {
+fn report(samples: &Samples) -> Result<()> {
     let stats =
         |m: Monitor, key: &str| samples.get(&(m, key.to_owned())).and_then(|v| Stats::of(v));
     for metric in METRICS {
@@ -447,15 +468,15 @@ fn report(samples: &BTreeMap<(Monitor, String), Vec<f64>>) -> Result<()> {
 // Inner: the measurements, where a usable KVM exists.
 // ---------------------------------------------------------------------------------------------
 
-fn sample(monitor: Monitor, metric: &str, value: f64) {
+pub(crate) fn sample(monitor: Monitor, metric: &str, value: f64) {
     println!("SAMPLE {} {metric} {value:.3}", monitor.name());
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn mib_of_kib(kib: u64) -> f64 {
+pub(crate) fn mib_of_kib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
@@ -521,7 +542,7 @@ impl Setup {
 
 /// Makes sure /dev/vhost-vsock exists (the host VM loads the module at boot; elsewhere,
 /// modprobe): QEMU's vsock device needs it. The error says why QEMU's vsock cannot be measured.
-fn load_vhost_vsock() -> std::result::Result<(), String> {
+pub(crate) fn load_vhost_vsock() -> std::result::Result<(), String> {
     let dev = Path::new("/dev/vhost-vsock");
     if !dev.exists() {
         let _ = Command::new("modprobe")
@@ -634,28 +655,7 @@ fn exec_sample(setup: &Setup, monitor: Monitor) -> Result<Duration> {
 }
 
 fn describe_environment(setup: &Setup) {
-    let read = |p: &str| {
-        fs::read_to_string(p)
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "?".into())
-    };
-    let qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "?".into());
-    println!(
-        "# host: kernel {}, {} CPU(s), clocksource {}; {qemu}",
-        read("/proc/sys/kernel/osrelease"),
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        read("/sys/devices/system/clocksource/clocksource0/current_clocksource"),
-    );
+    println!("{}", host_line());
     println!(
         "# guests: {VCPUS} vCPU, {MEM_MIB} MiB; cmdline: {}",
         qemu_boot(setup, &setup.test_image, "").cmdline()
@@ -674,6 +674,36 @@ fn describe_environment(setup: &Setup) {
     );
 }
 
+/// `# host: kernel ..., N CPU(s), clocksource ...; QEMU ...`: where the monitors run.
+pub(crate) fn host_line() -> String {
+    let read = |p: &str| {
+        fs::read_to_string(p)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "?".into())
+    };
+    format!(
+        "# host: kernel {}, {} CPU(s), clocksource {}; {}",
+        read("/proc/sys/kernel/osrelease"),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        read("/sys/devices/system/clocksource/clocksource0/current_clocksource"),
+        qemu_version().unwrap_or_else(|| "?".into()),
+    )
+}
+
+/// The first line of `qemu-system-x86_64 --version`.
+pub(crate) fn qemu_version() -> Option<String> {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+}
+
 /// QEMU's reference boot of `rootfs` with this benchmark's size and `extra` on the command line.
 fn qemu_boot(setup: &Setup, rootfs: &Path, extra: &str) -> Boot {
     let mut boot = Boot::new(&setup.kernel, rootfs, Accel::Kvm);
@@ -685,7 +715,7 @@ fn qemu_boot(setup: &Setup, rootfs: &Path, extra: &str) -> Boot {
 }
 
 /// The same command line for wrenn-vmm, which adds `root=/dev/vda ro` for a read-only root drive.
-fn wrenn_boot_args(boot: &Boot) -> Result<String> {
+pub(crate) fn wrenn_boot_args(boot: &Boot) -> Result<String> {
     let line = boot.cmdline();
     let root = " root=/dev/vda ro";
     ensure!(
@@ -706,10 +736,10 @@ struct VmSpec<'a> {
 }
 
 /// A running monitor process; killed when dropped.
-struct Vm {
-    monitor: Monitor,
-    child: Child,
-    started: Instant,
+pub(crate) struct Vm {
+    pub(crate) monitor: Monitor,
+    pub(crate) child: Child,
+    pub(crate) started: Instant,
     lines: mpsc::Receiver<(Instant, String)>,
     console: String,
     log: PathBuf,
@@ -795,7 +825,7 @@ impl Vm {
     }
 
     /// Reads the console (the child's stdout) on a thread, stamping each line when it arrives.
-    fn watch(monitor: Monitor, mut child: Child, started: Instant, log: PathBuf) -> Vm {
+    pub(crate) fn watch(monitor: Monitor, mut child: Child, started: Instant, log: PathBuf) -> Vm {
         let (tx, lines) = mpsc::channel();
         if let Some(stdout) = child.stdout.take() {
             std::thread::spawn(move || {
@@ -820,12 +850,16 @@ impl Vm {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Waits for a console line containing `needle`; returns when it arrived and the line.
-    fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<(Instant, String)> {
+    pub(crate) fn wait_line(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(Instant, String)> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -854,7 +888,7 @@ impl Vm {
         }
     }
 
-    fn tails(&self) -> String {
+    pub(crate) fn tails(&self) -> String {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
         format!(
             "console (last lines):\n{}\n{} log (last lines):\n{}",
@@ -1001,7 +1035,7 @@ impl Memory {
 }
 
 /// Kills and reaps a child when dropped.
-struct ChildGuard(Child);
+pub(crate) struct ChildGuard(pub(crate) Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -1028,7 +1062,7 @@ fn spawn_api_vmm(setup: &Setup, sock: &Path, tag: &str) -> Result<(Child, Instan
 }
 
 /// Polls `GET /` until it answers 200; returns when it did.
-fn wait_api(child: &mut Child, sock: &Path) -> Result<Instant> {
+pub(crate) fn wait_api(child: &mut Child, sock: &Path) -> Result<Instant> {
     let deadline = Instant::now() + API_TIMEOUT;
     loop {
         if let Ok((200, _)) = http(sock, "GET", "/", None) {
@@ -1093,8 +1127,19 @@ fn api_boot_sample(setup: &Setup, i: usize) -> Result<Duration> {
 
 /// One HTTP/1.1 request on a fresh connection to a unix socket; returns (status, body).
 fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    http_with_timeout(sock, method, path, body, API_TIMEOUT)
+}
+
+/// [`http`] for a request that may take up to `timeout` to answer.
+pub(crate) fn http_with_timeout(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let mut stream = UnixStream::connect(sock)?;
-    stream.set_read_timeout(Some(API_TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
     let body = body.unwrap_or("");
     write!(
         stream,
@@ -1149,7 +1194,7 @@ fn io_round(setup: &Setup, monitor: Monitor, round: usize) -> Result<()> {
         return Ok(());
     }
     vm.wait_line("VSOCK_READY", BOOT_TIMEOUT)?;
-    let connect = |port| vsock_connect(monitor, &uds, port);
+    let connect = |port| vsock_connect(monitor, &uds, GUEST_CID, port, BOOT_TIMEOUT);
 
     let mut echo = connect(ECHO_PORT)?;
     let message = [0x5a_u8; PING_BYTES];
@@ -1212,7 +1257,7 @@ fn io_round(setup: &Setup, monitor: Monitor, round: usize) -> Result<()> {
 }
 
 /// Removes a file when dropped.
-struct RemoveOnDrop(PathBuf);
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -1233,13 +1278,19 @@ fn parse_dd_seconds(line: &str) -> Option<f64> {
 }
 
 /// A stream to guest port `port`: wrenn-vmm's `CONNECT` handshake on its unix socket, or
-/// AF_VSOCK to the guest's CID for QEMU's vhost-vsock.
-fn vsock_connect(monitor: Monitor, uds: &Path, port: u32) -> Result<UnixStream> {
+/// AF_VSOCK to guest `cid` for QEMU's vhost-vsock; reads and writes time out after `timeout`.
+pub(crate) fn vsock_connect(
+    monitor: Monitor,
+    uds: &Path,
+    cid: u32,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream> {
     let stream = match monitor {
         Monitor::Wrenn => {
             let mut s = UnixStream::connect(uds)
                 .with_context(|| format!("connecting to {}", uds.display()))?;
-            s.set_read_timeout(Some(BOOT_TIMEOUT))?;
+            s.set_read_timeout(Some(timeout))?;
             s.write_all(format!("CONNECT {port}\n").as_bytes())?;
             let mut answer = Vec::new();
             let mut byte = [0_u8; 1];
@@ -1267,14 +1318,14 @@ fn vsock_connect(monitor: Monitor, uds: &Path, port: u32) -> Result<UnixStream> 
                 None,
             )
             .context("creating an AF_VSOCK socket")?;
-            connect(fd.as_raw_fd(), &VsockAddr::new(GUEST_CID, port))
-                .with_context(|| format!("connecting to vsock {GUEST_CID}:{port}"))?;
+            connect(fd.as_raw_fd(), &VsockAddr::new(cid, port))
+                .with_context(|| format!("connecting to vsock {cid}:{port}"))?;
             // Only read, write and timeouts are used: plain socket calls, whatever the family.
             UnixStream::from(fd)
         }
     };
-    stream.set_read_timeout(Some(BOOT_TIMEOUT))?;
-    stream.set_write_timeout(Some(BOOT_TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     Ok(stream)
 }
 

@@ -20,6 +20,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -205,6 +206,15 @@ pub fn decode<T: DeserializeOwned>(
     Ok(value)
 }
 
+/// `O_DIRECTORY` on Linux (x86_64 and aarch64 differ; this crate builds for both).
+fn libc_o_directory() -> i32 {
+    if cfg!(target_arch = "aarch64") {
+        0o40000
+    } else {
+        0o200000
+    }
+}
+
 /// Writes `value` to `path` atomically (temp file, fsync, rename, fsync of the directory).
 pub fn write<T: Serialize>(
     path: &Path,
@@ -243,7 +253,12 @@ pub fn write<T: Serialize>(
         file.write_all(&bytes).map_err(io_err("writing", &tmp))?;
         file.sync_all().map_err(io_err("syncing", &tmp))?;
         fs::rename(&tmp, path).map_err(io_err("renaming into place", path))?;
-        File::open(&dir)
+        // O_DIRECTORY: this can only ever open a directory (a sandboxed writer may be allowed
+        // exactly that and no read of file contents).
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_o_directory())
+            .open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("syncing directory", &dir))
     })();

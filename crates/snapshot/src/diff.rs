@@ -81,8 +81,11 @@ fn block_size_usize(block_size: u64) -> Result<usize, DiffError> {
         .ok_or(DiffError::BadBlockSize { block_size })
 }
 
+/// A new data file, opened read-write: the writer that made it can hand the same descriptor
+/// to a reader (a process that may no longer open files by path, like the VMM in its jail).
 fn create_new(path: &Path) -> Result<File, DiffError> {
     OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .open(path)
@@ -169,6 +172,11 @@ impl DiffWriter {
 
     /// Fsyncs the data file and returns the runs to apply.
     pub fn finish(self) -> Result<DiffSummary, DiffError> {
+        self.finish_with_file().map(|(summary, _)| summary)
+    }
+
+    /// [`DiffWriter::finish`], also giving back the data file (open for reading).
+    pub fn finish_with_file(self) -> Result<(DiffSummary, File), DiffError> {
         self.file.sync_all().map_err(|source| DiffError::Io {
             op: "syncing",
             path: self.path.clone(),
@@ -176,10 +184,13 @@ impl DiffWriter {
         })?;
         tracing::debug!(path = %self.path.display(), runs = self.runs.len(),
             data_len = self.data_len, "wrote diff data file");
-        Ok(DiffSummary {
-            runs: self.runs,
-            data_len: self.data_len,
-        })
+        Ok((
+            DiffSummary {
+                runs: self.runs,
+                data_len: self.data_len,
+            },
+            self.file,
+        ))
     }
 }
 

@@ -295,10 +295,11 @@ impl LayeredDisk {
                 writer.push(*block, data)?;
             }
         }
-        let diff = writer.finish()?;
+        let (diff, data_file) = writer.finish_with_file()?;
         let header = self.header().apply_diff(new_build, &diff.runs)?;
         header.write(&self.store.disk_header(new_build, &self.drive))?;
-        self.layers.advance(&self.store, header.clone(), &kind)?;
+        self.layers
+            .advance(&self.store, header.clone(), &kind, Some(data_file))?;
         self.dirty.clear_all();
         tracing::info!(build = %new_build, drive = %self.drive, generation = header.generation,
             dirty_blocks = dirty.len(), data_len = diff.data_len, "disk snapshot written");

@@ -113,17 +113,26 @@ impl LayeredFile {
     /// open and are not looked up by path again (inside the VMM's jail an imported image's
     /// symlink target is no longer reachable); only builds new in `header` are opened, and
     /// builds it no longer references are closed.
+    /// `fresh` may give the data file of the header's own build, already open (its writer's
+    /// descriptor), so that nothing is opened by path at all.
     pub fn advance(
         &mut self,
         store: &Store,
         header: Header,
         kind: &DeviceKind,
+        fresh: Option<File>,
     ) -> Result<(), LayeredError> {
         header.validate()?;
+        let mut fresh = fresh;
         let mut layers = HashMap::with_capacity(header.builds.len());
         for info in &header.builds {
             let layer = match self.layers.remove(&info.id) {
                 Some(layer) if layer.data_len >= info.data_len => layer,
+                _ if info.id == header.build && fresh.is_some() => Layer {
+                    file: fresh.take().expect("checked"),
+                    path: store.data_path(info.id, kind),
+                    data_len: info.data_len,
+                },
                 _ => open_layer(store, info, kind)?,
             };
             layers.insert(info.id, layer);

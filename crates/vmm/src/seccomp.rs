@@ -337,13 +337,14 @@ fn append_create_flags() -> u64 {
     c(libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC)
 }
 
-/// What a snapshot opens: new files (`create` + `truncate`, or `create_new`) and, read-only,
-/// the directory it fsyncs after renaming the state file into place.
+/// What a snapshot opens: new files (`create` + `truncate`; or `create_new` read-write, a disk
+/// layer that the drive then reads through the same descriptor) and the directory it fsyncs
+/// after renaming the state file into place (`O_DIRECTORY`: never a file's contents).
 fn snapshot_open_flags() -> [u64; 3] {
     [
         c(libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC),
-        c(libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC),
-        c(libc::O_RDONLY | libc::O_CLOEXEC),
+        c(libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC),
+        c(libc::O_RDONLY | libc::O_CLOEXEC | libc::O_DIRECTORY),
     ]
 }
 
@@ -955,7 +956,8 @@ mod tests {
         }
         let read_write = c(libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC);
         let write_existing = c(libc::O_WRONLY | libc::O_CLOEXEC);
-        for flags in [read_write, write_existing] {
+        let read_only = c(libc::O_RDONLY | libc::O_CLOEXEC);
+        for flags in [read_write, write_existing, read_only] {
             assert_eq!(
                 verdict(ThreadKind::Vmm, openat, &[at_fdcwd, 0, flags]),
                 KILL
