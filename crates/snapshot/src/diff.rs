@@ -111,10 +111,15 @@ fn extend_runs(runs: &mut Vec<DirtyRun>, block: u64, zero: bool) {
     }
 }
 
+/// Bytes a [`DiffWriter`] gathers before writing them.
+const WRITE_BATCH: usize = 1 << 20;
+
 /// Writes a Diff data file block by block. See the module doc.
 #[derive(Debug)]
 pub struct DiffWriter {
     file: File,
+    /// Blocks not yet written: one `write` per MiB instead of one per block.
+    pending: Vec<u8>,
     path: PathBuf,
     block_size: u64,
     block_len: usize,
@@ -131,6 +136,7 @@ impl DiffWriter {
         let file = create_new(path)?;
         Ok(DiffWriter {
             file,
+            pending: Vec::with_capacity(WRITE_BATCH),
             path: path.to_owned(),
             block_size,
             block_len,
@@ -158,11 +164,10 @@ impl DiffWriter {
         }
         let zero = is_zero(data);
         if !zero {
-            self.file.write_all(data).map_err(|source| DiffError::Io {
-                op: "writing",
-                path: self.path.clone(),
-                source,
-            })?;
+            self.pending.extend_from_slice(data);
+            if self.pending.len() >= WRITE_BATCH {
+                self.write_pending()?;
+            }
             self.data_len += self.block_size;
         }
         extend_runs(&mut self.runs, block_index, zero);
@@ -175,8 +180,21 @@ impl DiffWriter {
         self.finish_with_file().map(|(summary, _)| summary)
     }
 
+    fn write_pending(&mut self) -> Result<(), DiffError> {
+        self.file
+            .write_all(&self.pending)
+            .map_err(|source| DiffError::Io {
+                op: "writing",
+                path: self.path.clone(),
+                source,
+            })?;
+        self.pending.clear();
+        Ok(())
+    }
+
     /// [`DiffWriter::finish`], also giving back the data file (open for reading).
-    pub fn finish_with_file(self) -> Result<(DiffSummary, File), DiffError> {
+    pub fn finish_with_file(mut self) -> Result<(DiffSummary, File), DiffError> {
+        self.write_pending()?;
         self.file.sync_all().map_err(|source| DiffError::Io {
             op: "syncing",
             path: self.path.clone(),
