@@ -144,6 +144,15 @@ fn test_restore_refuses_bad_requests_and_files_clearly() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("track_dirty_pages"), "{text}");
     vmm.put_ok("/snapshot/create", &body.to_string());
+    // A layered build, and the same build id again: refused, the first one intact.
+    let store = vmm.path("store");
+    std::fs::create_dir(&store).unwrap();
+    let build = new_build_id();
+    layered_snapshot(&vmm, &store, &build, "Full");
+    let again = serde_json::json!({"layers": {"store": store, "build_id": build}});
+    let (status, text) = vmm.request("PUT", "/snapshot/create", Some(&again.to_string()));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("exists already"), "{text}");
     let dir = kill(vmm);
 
     let good_state = std::fs::read(&state).unwrap();
@@ -191,6 +200,33 @@ fn test_restore_refuses_bad_requests_and_files_clearly() {
         load(&state, &dir.path().join("nope"), root_override()),
         "nope",
     );
+
+    // Layered: a damaged header, then a missing memory layer, each named; the page server
+    // refuses the broken build at start instead of failing under a guest.
+    let layered = serde_json::json!({
+        "layers": {"store": store, "build_id": build},
+        "mem_backend": {"backend_type": "File"},
+        "drive_overrides": root_override(),
+    });
+    let top = wrenn_snapshot::store::Store::new(&store);
+    let id: wrenn_snapshot::id::BuildId = build.parse().unwrap();
+    let header_path = top.mem_header(id);
+    let good_header = std::fs::read(&header_path).unwrap();
+    let mut bytes = good_header.clone();
+    let last = bytes.len() - 6;
+    bytes[last] ^= 0x10;
+    std::fs::write(&header_path, &bytes).unwrap();
+    try_load(layered.clone(), "crc32 mismatch");
+    std::fs::write(&header_path, &good_header).unwrap();
+    std::fs::remove_file(top.mem_data(id)).unwrap();
+    try_load(layered, "memfile");
+    let socket = store.join("pager.sock");
+    let log = store.join("pager.log");
+    let mut pager = start_pager(&socket, &store, &build, &log);
+    let status = support::wait_child(&mut pager, Duration::from_secs(30), &log, &log);
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("memfile"), "{text}");
 }
 
 /// The guest keeps a 4 MiB random blob and a growing log in guest memory (tmpfs) and prints,
@@ -275,7 +311,7 @@ fn start_pager_with(
     extra: &[&std::ffi::OsStr],
     stdout: std::process::Stdio,
 ) -> std::process::Child {
-    let child = std::process::Command::new(pager_binary())
+    let mut child = std::process::Command::new(pager_binary())
         .arg("--socket")
         .arg(socket)
         .arg("--store")
@@ -288,7 +324,8 @@ fn start_pager_with(
         .spawn()
         .expect("spawn wrenn-pager");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
+    // Until it listens, or ends (refusing what it was asked to serve).
+    while !socket.exists() && child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the page server never listened");
         std::thread::sleep(Duration::from_millis(10));
     }
