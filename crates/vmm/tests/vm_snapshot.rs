@@ -360,6 +360,17 @@ fn test_three_generation_chain_restores_exactly_from_file_and_page_server() {
         wait_checks(&mut vmm, 3 * (generation + 1));
         pause(&vmm);
         let kind = if generation == 0 { "Full" } else { "Diff" };
+        if generation == 1 {
+            // A Diff that fails (the build id is taken) must not lose the pages it had
+            // collected: the next Diff still carries them, or the restore below breaks.
+            let taken = serde_json::json!({
+                "snapshot_type": "Diff",
+                "layers": {"store": store, "build_id": builds[0]},
+            });
+            let (status, text) = vmm.request("PUT", "/snapshot/create", Some(&taken.to_string()));
+            assert_eq!(status, 400, "{text}");
+            assert!(text.contains("exists already"), "{text}");
+        }
         layered_snapshot(&vmm, &store, build, kind);
         eprintln!("generation {generation} ({kind}) written");
         rounds_at.push(checks(&vmm.console_text()).last().unwrap().0);

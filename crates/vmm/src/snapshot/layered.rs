@@ -96,14 +96,10 @@ pub fn write_memory(
     machine: &Machine,
     layers: &LayersParams,
     diff: bool,
-    lineage: &mut Option<MemoryLineage>,
-) -> Result<(PathBuf, LayerRef), SnapshotError> {
+    dirty: &[bool],
+    lineage: &Option<MemoryLineage>,
+) -> Result<(PathBuf, LayerRef, MemoryLineage), SnapshotError> {
     let (store, build) = parse(layers)?;
-    let dir = store.build_dir(build);
-    if store.mem_header(build).exists() {
-        return Err(LayerError::BuildExists(build).into());
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| LayerError::Io(format!("{}: {e}", dir.display())))?;
     let mem = machine.vm.memory();
     let size = flat_size(mem);
     let data_path = store.mem_data(build);
@@ -116,14 +112,12 @@ pub fn write_memory(
             }
             .into());
         }
-        let dirty = memory_file::take_dirty(machine)?;
-        let runs = write_packed(mem, &data_path, &dirty)?;
+        let runs = write_packed(mem, &data_path, dirty)?;
         parent
             .header
             .apply_diff(build, &runs)
             .map_err(LayerError::from)?
     } else {
-        memory_file::take_dirty(machine)?;
         let written = memory_file::write_full(mem, &data_path, machine.memory_is_anonymous)?;
         let zero_runs = runs_of(&written.data_pages, false);
         Header::full(build, size, PAGE_SIZE as u64, &zero_runs).map_err(LayerError::from)?
@@ -141,11 +135,25 @@ pub fn write_memory(
         build_id: build.to_string(),
         generation: header.generation,
     };
-    *lineage = Some(MemoryLineage {
+    let lineage = MemoryLineage {
         store: store.root().to_owned(),
         header,
-    });
-    Ok((store.vmstate(build), layer))
+    };
+    Ok((store.vmstate(build), layer, lineage))
+}
+
+/// Makes the build's directory, which must be new: a build is written once. Returns it, for
+/// removal should the snapshot fail half way.
+pub fn new_build_dir(layers: &LayersParams) -> Result<PathBuf, SnapshotError> {
+    let (store, build) = parse(layers)?;
+    let dir = store.build_dir(build);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => Ok(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(LayerError::BuildExists(build).into())
+        }
+        Err(e) => Err(LayerError::Io(format!("{}: {e}", dir.display())).into()),
+    }
 }
 
 /// The dirty pages, packed; all-zero pages are recorded as zero runs and not stored.

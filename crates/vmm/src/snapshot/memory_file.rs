@@ -72,6 +72,15 @@ pub fn take_dirty(machine: &Machine) -> Result<Vec<bool>, SnapshotError> {
     Ok(dirty)
 }
 
+/// Puts pages taken by [`take_dirty`] back (into the guest memory bitmap, which the next
+/// [`take_dirty`] reads too), after a snapshot that failed.
+pub fn give_back_dirty(mem: &GuestMemory, dirty: &[bool]) {
+    for (page, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
+        let page = u64::try_from(page).expect("x86_64");
+        crate::memory::mark_dirty(mem, guest_addr(mem, page), PAGE_SIZE);
+    }
+}
+
 fn is_zero(bytes: &[u8]) -> bool {
     bytes
         .chunks(64)
@@ -270,6 +279,24 @@ mod tests {
             let at = k * PAGE_SIZE;
             assert_eq!(&bytes[at..at + 8], &p.to_ne_bytes());
         }
+    }
+
+    #[test]
+    fn test_dirty_pages_given_back_are_dirty_again() {
+        use vm_memory::bitmap::Bitmap as _;
+        let mem = crate::memory::create(16, false).unwrap();
+        let mut dirty = vec![false; 4096];
+        dirty[3] = true;
+        dirty[4095] = true;
+        give_back_dirty(&mem, &dirty);
+        let region = mem.iter().next().unwrap();
+        assert!(region.bitmap().dirty_at(usize::try_from(3 * PAGE).unwrap()));
+        assert!(
+            region
+                .bitmap()
+                .dirty_at(usize::try_from(4095 * PAGE).unwrap())
+        );
+        assert!(!region.bitmap().dirty_at(usize::try_from(4 * PAGE).unwrap()));
     }
 
     #[test]

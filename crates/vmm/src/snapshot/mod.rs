@@ -341,16 +341,79 @@ pub fn create(
     let vm = machine.vm.save_state()?;
     let mem = machine.vm.memory();
     let size = memory_file::flat_size(mem);
+    // From here on the dirty log is consumed: should anything fail, it is given back, so that
+    // the next Diff still holds every page written since the last snapshot that succeeded.
+    let dirty = memory_file::take_dirty(machine)?;
+    let build_dir = match &params.layers {
+        Some(layers) => match layered::new_build_dir(layers) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                memory_file::give_back_dirty(mem, &dirty);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    let written = write_all(machine, resources, params, &dirty, lineage).and_then(
+        |(state_path, layer, new_lineage)| {
+            let state = MicrovmState {
+                config: SavedConfig::of(resources),
+                memory: MemoryInfo { size, layer },
+                vcpus,
+                vm,
+                devices,
+            };
+            wrenn_snapshot::container::write(
+                &state_path,
+                wrenn_snapshot::container::Kind::VmState,
+                STATE_VERSION,
+                &state,
+            )?;
+            Ok((state_path, new_lineage))
+        },
+    );
+    match written {
+        Ok((state_path, new_lineage)) => {
+            if new_lineage.is_some() {
+                *lineage = new_lineage;
+            }
+            tracing::info!(
+                kind = ?params.snapshot_type,
+                elapsed_ms = started.elapsed().as_millis(),
+                state = %state_path.display(),
+                "snapshot taken"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            memory_file::give_back_dirty(mem, &dirty);
+            if let Some(dir) = build_dir {
+                // Half a build is worse than none: its id stays free for a retry.
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Err(e)
+        }
+    }
+}
 
-    let (state_path, layer) = match &params.layers {
+/// Writes memory (and layered disks); returns where the state goes, the layer and the new
+/// lineage (layered only).
+fn write_all(
+    machine: &Machine,
+    resources: &Resources,
+    params: &SnapshotCreateParams,
+    dirty: &[bool],
+    lineage: &Lineage,
+) -> Result<(PathBuf, Option<LayerRef>, Lineage), SnapshotError> {
+    let diff = params.snapshot_type == SnapshotType::Diff;
+    let mem = machine.vm.memory();
+    match &params.layers {
         None => {
             let state_path = required(&params.snapshot_path, "snapshot_path")?;
             let mem_path = required(&params.mem_file_path, "mem_file_path")?;
             let written = if diff {
-                let dirty = memory_file::take_dirty(machine)?;
-                memory_file::write_sparse_diff(mem, &mem_path, &dirty)?
+                memory_file::write_sparse_diff(mem, &mem_path, dirty)?
             } else {
-                memory_file::take_dirty(machine)?;
                 memory_file::write_full(mem, &mem_path, machine.memory_is_anonymous)?.bytes
             };
             tracing::info!(
@@ -359,38 +422,19 @@ pub fn create(
                 path = %mem_path.display(),
                 "memory written"
             );
-            (state_path, None)
+            Ok((state_path, None, None))
         }
         Some(layers) => {
-            let (state_path, layer) = layered::write_memory(machine, layers, diff, lineage)?;
+            let (state_path, layer, new_lineage) =
+                layered::write_memory(machine, layers, diff, dirty, lineage)?;
             let state_path = params
                 .snapshot_path
                 .as_ref()
                 .map_or(state_path, PathBuf::from);
             layered::write_disks(machine, resources, layers)?;
-            (state_path, Some(layer))
+            Ok((state_path, Some(layer), Some(new_lineage)))
         }
-    };
-    let state = MicrovmState {
-        config: SavedConfig::of(resources),
-        memory: MemoryInfo { size, layer },
-        vcpus,
-        vm,
-        devices,
-    };
-    wrenn_snapshot::container::write(
-        &state_path,
-        wrenn_snapshot::container::Kind::VmState,
-        STATE_VERSION,
-        &state,
-    )?;
-    tracing::info!(
-        kind = ?params.snapshot_type,
-        elapsed_ms = started.elapsed().as_millis(),
-        state = %state_path.display(),
-        "snapshot taken"
-    );
-    Ok(())
+    }
 }
 
 fn required(field: &Option<String>, name: &str) -> Result<PathBuf, SnapshotError> {
