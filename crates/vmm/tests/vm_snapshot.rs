@@ -41,13 +41,14 @@ fn values(console: &str, key: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Waits until the console has at least `n` complete `KEY=` values.
-fn wait_values(vmm: &mut Vmm, key: &str, n: usize) -> Vec<u64> {
+/// Waits until `parse` finds at least `n` items in the console; fails with the console and
+/// the VMM's log if the VMM exits or time runs out.
+fn wait_parsed<T>(vmm: &mut Vmm, what: &str, n: usize, parse: impl Fn(&str) -> Vec<T>) -> Vec<T> {
     let deadline = Instant::now() + GUEST_TIMEOUT;
     loop {
-        let v = values(&vmm.console_text(), key);
-        if v.len() >= n {
-            return v;
+        let found = parse(&vmm.console_text());
+        if found.len() >= n {
+            return found;
         }
         if let Ok(Some(status)) = vmm.child.try_wait() {
             panic!(
@@ -58,12 +59,17 @@ fn wait_values(vmm: &mut Vmm, key: &str, n: usize) -> Vec<u64> {
         }
         assert!(
             Instant::now() < deadline,
-            "fewer than {n} {key}= lines\nconsole:\n{}\nlog:\n{}",
+            "fewer than {n} {what} lines\nconsole:\n{}\nlog:\n{}",
             vmm.console_text(),
             vmm.log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until the console has at least `n` complete `KEY=` values.
+fn wait_values(vmm: &mut Vmm, key: &str, n: usize) -> Vec<u64> {
+    wait_parsed(vmm, key, n, |console| values(console, key))
 }
 
 fn pause(vmm: &Vmm) {
@@ -257,27 +263,7 @@ fn checks(console: &str) -> Vec<(u64, u64, String, String)> {
 }
 
 fn wait_checks(vmm: &mut Vmm, n: usize) -> Vec<(u64, u64, String, String)> {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        let found = checks(&vmm.console_text());
-        if found.len() >= n {
-            return found;
-        }
-        if let Ok(Some(status)) = vmm.child.try_wait() {
-            panic!(
-                "VMM exited ({status})\nconsole:\n{}\nlog:\n{}",
-                vmm.console_text(),
-                vmm.log()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {n} CHECK lines\nconsole:\n{}\nlog:\n{}",
-            vmm.console_text(),
-            vmm.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_parsed(vmm, "CHECK", n, checks)
 }
 
 /// Every check is consistent: one log line per round and the blob unchanged since boot.
@@ -384,6 +370,7 @@ fn test_three_generation_chain_restores_exactly_from_file_and_page_server() {
     let top = wrenn_snapshot::store::Store::new(&store);
     let top_id: wrenn_snapshot::id::BuildId = builds[2].parse().unwrap();
     let header = wrenn_snapshot::header::Header::read(&top.mem_header(top_id)).unwrap();
+    eprintln!("{}", header.summary());
     assert_eq!(header.generation, 2);
     assert!(header.builds.len() >= 2, "{}", header.summary());
     // A Diff holds what changed, not guest memory: far less than the 128 MiB.
@@ -547,27 +534,7 @@ fn disk_rounds(console: &str) -> Vec<(u64, u64)> {
 }
 
 fn wait_disk_rounds(vmm: &mut Vmm, n: usize) -> Vec<(u64, u64)> {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        let found = disk_rounds(&vmm.console_text());
-        if found.len() >= n {
-            return found;
-        }
-        if let Ok(Some(status)) = vmm.child.try_wait() {
-            panic!(
-                "VMM exited ({status})\nconsole:\n{}\nlog:\n{}",
-                vmm.console_text(),
-                vmm.log()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {n} DISK lines\nconsole:\n{}\nlog:\n{}",
-            vmm.console_text(),
-            vmm.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_parsed(vmm, "DISK", n, disk_rounds)
 }
 
 fn file_digest(path: &Path) -> Vec<u8> {
