@@ -32,6 +32,17 @@
 //!    build (`file_layered`; `uffd_layered` when wrenn-pager has `--store`); QEMU started with
 //!    `-incoming defer`, then `migrate-incoming` from its file, its `MIGRATION completed`
 //!    event, and `cont`. One unmeasured restore per variant first (binaries, page cache).
+//!    The pager runs with its default fault-around (a fault installs its 64 KiB window).
+//!    `uffd_prefetch` / `uffd_layered_prefetch` are `uffd` / `uffd_layered` with the pager
+//!    given `--prefetch-file`: the pages a previous, unmeasured restore of the same snapshot
+//!    had installed on demand (recorded with `--record`, once per size before the
+//!    measurements), which is the agent's steady state for a template's clones:
+//!
+//! ```text
+//!    record (unmeasured): pager --record F ── restore ── vsock ── VM ends ── pager writes F
+//!    measured:            pager --prefetch-file F ── restore (prefetch thread installs F
+//!                         while faults are served) ── vsock
+//! ```
 //! 2. diff: bytes are the allocated blocks (`st_blocks * 512`) of the files a snapshot wrote
 //!    (state, memory, header); `mem` counts the memory file alone, against the 64 MiB dirtied.
 //!    Times are the create request alone (the VM is already paused) and QEMU's `migrate` to
@@ -139,6 +150,10 @@ enum Variant {
     FileLayered,
     /// wrenn-vmm, a wrenn-pager reading the layered build.
     UffdLayered,
+    /// [`Variant::Uffd`] with the pager prefetching a recorded page set.
+    UffdPrefetch,
+    /// [`Variant::UffdLayered`] with the pager prefetching a recorded page set.
+    UffdLayeredPrefetch,
     /// QEMU `-incoming` from its migration file, then `cont`.
     Qemu,
 }
@@ -150,8 +165,24 @@ impl Variant {
             Variant::Uffd => "uffd",
             Variant::FileLayered => "file_layered",
             Variant::UffdLayered => "uffd_layered",
+            Variant::UffdPrefetch => "uffd_prefetch",
+            Variant::UffdLayeredPrefetch => "uffd_layered_prefetch",
             Variant::Qemu => "qemu",
         }
+    }
+
+    /// The variant whose restore request and pager source this one uses: itself, or the
+    /// plain variant a prefetching one adds `--prefetch-file` to.
+    fn without_prefetch(self) -> Variant {
+        match self {
+            Variant::UffdPrefetch => Variant::Uffd,
+            Variant::UffdLayeredPrefetch => Variant::UffdLayered,
+            other => other,
+        }
+    }
+
+    fn prefetches(self) -> bool {
+        self.without_prefetch() != self
     }
 
     fn monitor(self) -> Monitor {
@@ -162,12 +193,23 @@ impl Variant {
     }
 
     fn uses_pager(self) -> bool {
-        matches!(self, Variant::Uffd | Variant::UffdLayered)
+        matches!(
+            self.without_prefetch(),
+            Variant::Uffd | Variant::UffdLayered
+        )
     }
 }
 
 /// Every variant's name, for the report (which sees only names).
-const VARIANT_NAMES: [&str; 5] = ["file", "uffd", "file_layered", "uffd_layered", "qemu"];
+const VARIANT_NAMES: [&str; 7] = [
+    "file",
+    "uffd",
+    "file_layered",
+    "uffd_layered",
+    "uffd_prefetch",
+    "uffd_layered_prefetch",
+    "qemu",
+];
 
 /// `restore_<variant>_<size>_<phase>_ms`.
 fn restore_key(variant: &str, size: u32, phase: &str) -> String {
@@ -206,8 +248,8 @@ pub fn outer(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
         bench_vmm::path_string(&pager)?,
     );
     // Boots, snapshots and clones take ~3 minutes inside the emulated host VM, the restores
-    // ~25 s per run (the default 10 runs: ~7 minutes in all); generous limits.
-    let minutes = 20 + 2 * u64::try_from(runs).unwrap_or(u64::MAX / 4);
+    // ~35 s per run (the default 10 runs: ~10 minutes in all); generous limits.
+    let minutes = 20 + 3 * u64::try_from(runs).unwrap_or(u64::MAX / 4);
     let samples = bench_vmm::run_inner(
         cache,
         "snapshot",
@@ -359,6 +401,11 @@ fn report_lines(samples: &BTreeMap<String, Vec<f64>>) -> Result<Vec<String>> {
             }
         }
     }
+    for variant in VARIANT_NAMES {
+        for what in ["faults_n", "around_pages_n", "prefetched_pages_n"] {
+            metric(&format!("pager_{variant}_{DIFF_SIZE_MIB}_{what}"));
+        }
+    }
     for key in [
         "diff_dirtied_mib",
         "diff_plain_mem_mib",
@@ -503,12 +550,23 @@ impl Setup {
 
     /// The restore variants measured here.
     fn variants(&self) -> Vec<Variant> {
-        let mut v = vec![Variant::File, Variant::Uffd, Variant::FileLayered];
+        let mut v = vec![
+            Variant::File,
+            Variant::Uffd,
+            Variant::UffdPrefetch,
+            Variant::FileLayered,
+        ];
         if self.pager_layered {
-            v.push(Variant::UffdLayered);
+            v.extend([Variant::UffdLayered, Variant::UffdLayeredPrefetch]);
         }
         v.push(Variant::Qemu);
         v
+    }
+
+    /// The prefetch file recorded for `variant`'s snapshot of `size` MiB.
+    fn prefetch_file(&self, variant: Variant, size: u32) -> PathBuf {
+        let base = variant.without_prefetch().name();
+        self.path(&format!("prefetch-{base}-{size}.pf"))
     }
 
     /// The reference boot of the base image with [`SNAP_SCRIPT`], `mem_mib` of RAM.
@@ -568,10 +626,18 @@ pub fn inner(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
         eprintln!("==> {size} MiB: boot and save QEMU");
         let qemu = qemu_source(&setup, size).with_context(|| format!("QEMU {size} MiB"))?;
         let snaps = Snapshots { size, wrenn, qemu };
+        for &variant in variants.iter().filter(|v| v.prefetches()) {
+            eprintln!(
+                "==> {size} MiB: record the prefetch set ({}, unmeasured)",
+                variant.without_prefetch().name()
+            );
+            record_prefetch(&setup, &snaps, variant)
+                .with_context(|| format!("recording for {} ({size} MiB)", variant.name()))?;
+        }
         if index == 0 {
             eprintln!("==> warm-up: one unmeasured restore per variant");
             for &variant in &variants {
-                restore(&setup, &snaps, variant, "warmup", GUEST_CID)
+                restore(&setup, &snaps, variant, "warmup", GUEST_CID, &[])
                     .and_then(Restored::end)
                     .with_context(|| format!("warm-up restore ({})", variant.name()))?;
             }
@@ -599,7 +665,7 @@ pub fn inner(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
                     .with_context(|| format!("{CLONES} clones ({})", variant.name()))?;
             }
         }
-        snaps.remove();
+        snaps.remove(&setup);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -634,9 +700,11 @@ fn describe_environment(setup: &Setup) {
          migrate-incoming + `cont`",
         SIZES_MIB.map(|s| s.to_string()).join(" and "),
         if setup.pager_layered {
-            "; layered builds too"
+            "; layered builds too; *_prefetch: --prefetch-file recorded by an unmeasured \
+             restore with --record"
         } else {
-            "; this wrenn-pager has no --store, so no uffd_layered"
+            "; this wrenn-pager has no --store, so no uffd_layered; uffd_prefetch: \
+             --prefetch-file recorded by an unmeasured restore with --record"
         },
         setup.migrate.outgoing(Path::new("FILE")),
     );
@@ -660,7 +728,10 @@ struct Snapshots {
 
 impl Snapshots {
     /// Frees the host VM's tmpfs for the next size.
-    fn remove(self) {
+    fn remove(self, setup: &Setup) {
+        for variant in [Variant::UffdPrefetch, Variant::UffdLayeredPrefetch] {
+            let _ = fs::remove_file(setup.prefetch_file(variant, self.size));
+        }
         let _ = fs::remove_file(&self.wrenn.state);
         let _ = fs::remove_file(&self.wrenn.mem);
         let _ = fs::remove_dir_all(&self.wrenn.store);
@@ -926,7 +997,7 @@ impl Restored {
 
 /// One timed restore: samples for both phases and, with a pager, its fault figures.
 fn restore_sample(setup: &Setup, snaps: &Snapshots, variant: Variant, tag: &str) -> Result<()> {
-    let restored = restore(setup, snaps, variant, tag, GUEST_CID)?;
+    let restored = restore(setup, snaps, variant, tag, GUEST_CID, &[])?;
     let (monitor, name, size) = (variant.monitor(), variant.name(), snaps.size);
     sample(
         monitor,
@@ -946,6 +1017,18 @@ fn restore_sample(setup: &Setup, snaps: &Snapshots, variant: Variant, tag: &str)
                 &format!("pager_{name}_{size}_faults_n"),
                 f.faults as f64,
             );
+            for (what, value) in [
+                ("around_pages", f.around_pages),
+                ("prefetched_pages", f.prefetched_pages),
+            ] {
+                if let Some(pages) = value {
+                    sample(
+                        monitor,
+                        &format!("pager_{name}_{size}_{what}_n"),
+                        pages as f64,
+                    );
+                }
+            }
             sample(
                 monitor,
                 &format!("pager_{name}_{size}_copied_mib"),
@@ -967,37 +1050,91 @@ fn restore_sample(setup: &Setup, snaps: &Snapshots, variant: Variant, tag: &str)
     Ok(())
 }
 
+/// Records, with an unmeasured restore the `--record` way, the pages the pager installs on
+/// demand for `variant`'s snapshot: the prefetch file its measured restores get.
+fn record_prefetch(setup: &Setup, snaps: &Snapshots, variant: Variant) -> Result<()> {
+    let file = setup.prefetch_file(variant, snaps.size);
+    let _ = fs::remove_file(&file);
+    let record = [OsArg::from("--record"), file.clone().into()];
+    let restored = restore(
+        setup,
+        snaps,
+        variant.without_prefetch(),
+        "record",
+        GUEST_CID,
+        &record,
+    )?;
+    let out = restored.end()?.unwrap_or_default();
+    let bytes = fs::metadata(&file)
+        .with_context(|| {
+            format!(
+                "wrenn-pager wrote no prefetch record {}\n{}",
+                file.display(),
+                wrenn_image::command::last_lines(&out, 5)
+            )
+        })?
+        .len();
+    let pages = prefetch_file_pages(bytes)
+        .with_context(|| format!("{} is not a prefetch file", file.display()))?;
+    let faults = PagerFigures::parse(&out).map_or(0, |f| f.faults);
+    eprintln!(
+        "    recorded {pages} pages ({} MiB) from {faults} faults in {}",
+        pages >> 8,
+        file.display()
+    );
+    sample(
+        Monitor::Wrenn,
+        &format!(
+            "prefetch_{}_{}_recorded_pages_n",
+            variant.name(),
+            snaps.size
+        ),
+        pages as f64,
+    );
+    Ok(())
+}
+
+/// Pages a prefetch file of `bytes` bytes lists: a 24-byte header, 8 bytes a page, a 4-byte
+/// checksum (wrenn-pager's format).
+fn prefetch_file_pages(bytes: u64) -> Option<u64> {
+    let body = bytes.checked_sub(24 + 4)?;
+    (body % 8 == 0).then_some(body / 8)
+}
+
 /// Restores `snaps` the `variant` way (QEMU's vsock as guest `cid`), timing spawn to running
-/// and to the guest's vsock answer.
+/// and to the guest's vsock answer. `pager_args` go to the pager, if the variant has one.
 fn restore(
     setup: &Setup,
     snaps: &Snapshots,
     variant: Variant,
     tag: &str,
     cid: u32,
+    pager_args: &[OsArg],
 ) -> Result<Restored> {
     let tag = format!("{tag}-{}-{}", variant.name(), snaps.size);
     if variant == Variant::Qemu {
         return restore_qemu(setup, snaps, &tag, cid);
     }
     let snap = &snaps.wrenn;
-    let pager = match variant {
-        Variant::Uffd => Some(PagerProcess::spawn(
-            setup,
-            &tag,
-            &[OsArg::from("--mem-file"), snap.mem.clone().into()],
-        )?),
-        Variant::UffdLayered => Some(PagerProcess::spawn(
-            setup,
-            &tag,
-            &[
-                OsArg::from("--store"),
-                snap.store.clone().into(),
-                OsArg::from("--build"),
-                OsArg::from(snap.build.as_str()),
-            ],
-        )?),
-        _ => None,
+    let mut args: Vec<OsArg> = match variant.without_prefetch() {
+        Variant::Uffd => vec![OsArg::from("--mem-file"), snap.mem.clone().into()],
+        Variant::UffdLayered => vec![
+            OsArg::from("--store"),
+            snap.store.clone().into(),
+            OsArg::from("--build"),
+            OsArg::from(snap.build.as_str()),
+        ],
+        _ => Vec::new(),
+    };
+    if variant.prefetches() {
+        args.push(OsArg::from("--prefetch-file"));
+        args.push(setup.prefetch_file(variant, snaps.size).into());
+    }
+    args.extend(pager_args.iter().cloned());
+    let pager = if variant.uses_pager() {
+        Some(PagerProcess::spawn(setup, &tag, &args)?)
+    } else {
+        None
     };
     let sock = setup.path(&format!("{tag}.api"));
     let uds = setup.path(&format!("{tag}.vsock"));
@@ -1006,7 +1143,7 @@ fn restore(
         "drive_overrides": [{"drive_id": "rootfs", "path_on_host": setup.base_image}],
         "vsock_override": {"uds_path": uds},
     });
-    match (variant, &pager) {
+    match (variant.without_prefetch(), &pager) {
         (Variant::File, _) => {
             body["snapshot_path"] = json!(snap.state);
             body["mem_backend"] = json!({"backend_type": "File", "backend_path": snap.mem});
@@ -1105,7 +1242,7 @@ fn clones(setup: &Setup, snaps: &Snapshots, variant: Variant) -> Result<()> {
     let mut live = Vec::new();
     for i in 0..CLONES {
         let tag = format!("clone-{i}");
-        live.push(restore(setup, snaps, variant, &tag, GUEST_CID + i)?);
+        live.push(restore(setup, snaps, variant, &tag, GUEST_CID + i, &[])?);
     }
     let (mut monitors, mut pagers) = (Resident::default(), Resident::default());
     for clone in &live {
@@ -1279,12 +1416,15 @@ impl PagerProcess {
 }
 
 /// The figures of a pager's statistics JSON (`faults`, `bytes_copied`,
-/// `fault_latency.p50_ns`, wherever they sit in it).
+/// `fault_latency.p50_ns`, `around_pages`, `prefetched_pages`, wherever they sit in it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PagerFigures {
     faults: u64,
     bytes_copied: u64,
     p50_ns: Option<u64>,
+    /// Pages fault-around installed (absent from pagers without fault-around).
+    around_pages: Option<u64>,
+    prefetched_pages: Option<u64>,
 }
 
 impl PagerFigures {
@@ -1299,6 +1439,8 @@ impl PagerFigures {
                     faults: find_u64(&doc, "faults", 0)?,
                     bytes_copied: find_u64(&doc, "bytes_copied", 0)?,
                     p50_ns: find_u64(&doc, "p50_ns", 0),
+                    around_pages: find_u64(&doc, "around_pages", 0),
+                    prefetched_pages: find_u64(&doc, "prefetched_pages", 0),
                 })
             })
     }
@@ -1636,14 +1778,17 @@ Shared_Clean:       1000 kB
     #[test]
     fn test_pager_figures_from_vm_stats_line() {
         let out = "some log line\n{\"name\":\"vm\",\"state\":{\"state\":\"ended\"},\"faults\":120,\
-                   \"pages_copied\":100,\"bytes_copied\":409600,\
+                   \"pages_copied\":100,\"bytes_copied\":409600,\"prefetched_pages\":3,\
+                   \"around_pages\":1800,\
                    \"fault_latency\":{\"count\":120,\"p50_ns\":8000,\"p99_ns\":90000}}\n";
         assert_eq!(
             PagerFigures::parse(out),
             Some(PagerFigures {
                 faults: 120,
                 bytes_copied: 409_600,
-                p50_ns: Some(8000)
+                p50_ns: Some(8000),
+                around_pages: Some(1800),
+                prefetched_pages: Some(3),
             })
         );
     }
@@ -1657,7 +1802,9 @@ Shared_Clean:       1000 kB
             Some(PagerFigures {
                 faults: 7,
                 bytes_copied: 4096,
-                p50_ns: None
+                p50_ns: None,
+                around_pages: None,
+                prefetched_pages: None,
             })
         );
     }
@@ -1714,9 +1861,39 @@ Shared_Clean:       1000 kB
             Variant::Uffd,
             Variant::FileLayered,
             Variant::UffdLayered,
+            Variant::UffdPrefetch,
+            Variant::UffdLayeredPrefetch,
             Variant::Qemu,
         ];
         assert_eq!(all.map(Variant::name), VARIANT_NAMES);
+    }
+
+    #[test]
+    fn test_prefetch_variants_restore_like_their_base_with_a_pager() {
+        for (variant, base) in [
+            (Variant::UffdPrefetch, Variant::Uffd),
+            (Variant::UffdLayeredPrefetch, Variant::UffdLayered),
+        ] {
+            assert_eq!(variant.without_prefetch(), base);
+            assert!(variant.prefetches() && variant.uses_pager());
+            assert!(!base.prefetches());
+        }
+        for plain in [Variant::File, Variant::FileLayered, Variant::Qemu] {
+            assert_eq!(plain.without_prefetch(), plain);
+            assert!(!plain.prefetches() && !plain.uses_pager());
+        }
+    }
+
+    #[test]
+    fn test_prefetch_file_pages_from_its_size() {
+        assert_eq!(prefetch_file_pages(24 + 4), Some(0));
+        assert_eq!(prefetch_file_pages(24 + 8 * 1500 + 4), Some(1500));
+        assert_eq!(
+            prefetch_file_pages(27),
+            None,
+            "shorter than header and checksum"
+        );
+        assert_eq!(prefetch_file_pages(24 + 5 + 4), None, "not whole entries");
     }
 
     fn samples(pairs: &[(&str, &[f64])]) -> BTreeMap<String, Vec<f64>> {
@@ -1739,6 +1916,9 @@ Shared_Clean:       1000 kB
             ("clones_uffd_pss_mib", &[100.0]),
             ("clones_uffd_pager_pss_mib", &[20.0]),
             ("clones_qemu_pss_mib", &[600.0]),
+            ("restore_uffd_prefetch_1024_vsock_ms", &[6.6]),
+            ("pager_uffd_prefetch_1024_faults_n", &[12.0]),
+            ("pager_uffd_1024_around_pages_n", &[21000.0]),
         ]);
         let lines = report_lines(&s).unwrap();
         let has = |l: &str| lines.iter().any(|x| x == l);
@@ -1779,6 +1959,10 @@ Shared_Clean:       1000 kB
             " restore_qemu_1024_running=200.0ms",
             " restore_uffd_1024_vsock_ratio=0.05x",
             " diff_plain_mem=67.2MiB",
+            " restore_uffd_prefetch_1024_vsock=6.6ms",
+            " restore_uffd_prefetch_1024_vsock_ratio=0.03x",
+            " pager_uffd_prefetch_1024_faults=12",
+            " pager_uffd_1024_around_pages=21000",
         ] {
             assert!(result.contains(part), "{part} missing from {result}");
         }

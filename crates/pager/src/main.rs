@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! wrenn-pager --socket /run/vm1.uffd --mem-file vm.mem [--prefetch-file F] [--record F]
+//!             [--fault-around PAGES]
 //! ```
 //!
 //! Listens on `--socket` (which must not exist), serves the VM that connects, and exits when
@@ -18,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
+use wrenn_pager::fault::{DEFAULT_FAULT_AROUND_PAGES, MAX_FAULT_AROUND_PAGES};
 use wrenn_pager::{FileSource, Pager, PagerConfig, VmOptions, VmState, prefetch};
 
 /// Prefetch key used for the single VM this binary serves.
@@ -44,9 +46,19 @@ struct Args {
     /// Install the pages listed in this prefetch file right after the handshake.
     #[arg(long)]
     prefetch_file: Option<PathBuf>,
-    /// On exit, write the pages the VM faulted (first-touch order) to this file.
+    /// On exit, write the pages installed on demand (faulted, and fault-around; install
+    /// order) after any prefetched ones to this file.
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Pages installed per fault: the faulting page's aligned window of this many pages
+    /// (same region, not yet in place). 1 serves the faulting page alone.
+    #[arg(
+        long,
+        value_name = "PAGES",
+        default_value_t = DEFAULT_FAULT_AROUND_PAGES,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_FAULT_AROUND_PAGES)
+    )]
+    fault_around: u64,
     /// Seconds to wait for the VMM to connect and send its handshake.
     #[arg(long, default_value_t = 10)]
     accept_timeout_secs: u64,
@@ -104,7 +116,9 @@ fn run() -> anyhow::Result<()> {
         let count = pager.prefetch_store().load(KEY, path)?;
         tracing::info!(pages = count, path = %path.display(), "loaded the prefetch file");
     }
-    let options = VmOptions::new("vm").with_prefetch_key(KEY);
+    let options = VmOptions::new("vm")
+        .with_prefetch_key(KEY)
+        .with_fault_around(args.fault_around);
     let mut vm = pager
         .register(&args.socket, source, options)
         .with_context(|| format!("serving on {}", args.socket.display()))?;
@@ -136,4 +150,41 @@ fn run() -> anyhow::Result<()> {
         bail!("serving failed: {error}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = ["wrenn-pager", "--socket", "s.sock", "--mem-file", "vm.mem"];
+        Args::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn test_args_fault_around_defaults_to_sixteen_pages() {
+        let args = parse(&[]).expect("parse");
+        assert_eq!(args.fault_around, DEFAULT_FAULT_AROUND_PAGES);
+        assert_eq!(args.fault_around, 16);
+    }
+
+    #[test]
+    fn test_args_fault_around_one_is_accepted() {
+        assert_eq!(
+            parse(&["--fault-around", "1"]).expect("parse").fault_around,
+            1
+        );
+    }
+
+    #[test]
+    fn test_args_fault_around_out_of_range_is_rejected() {
+        for bad in ["0", "513", "-1", "lots"] {
+            let flag = format!("--fault-around={bad}");
+            let error = parse(&[flag.as_str()]).expect_err(bad);
+            assert!(
+                error.to_string().contains("--fault-around"),
+                "{bad}: {error}"
+            );
+        }
+    }
 }

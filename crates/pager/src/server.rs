@@ -7,7 +7,8 @@
 //!           Waiting : poll(listener, stop) until accept_timeout ─> accept one connection,
 //!                     close the listener, unlink the socket file
 //!                     poll(connection, stop) until accept_timeout ─> handshake::receive
-//!           Serving : fault loop (fault.rs); prefetch thread if the key has a recorded set
+//!           Serving : fault loop (fault.rs, with fault-around); prefetch thread if the key
+//!                     has a recorded set
 //!           end     : stop prefetch, publish the touched pages under the key, set the final
 //!                     state: Ended (VMM gone) | Stopped (stop()) | Failed { error }
 //! ```
@@ -28,7 +29,10 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde::{Deserialize, Serialize};
 
-use crate::fault::{EndReason, ServeError, Serving, error_chain};
+use crate::fault::{
+    DEFAULT_FAULT_AROUND_PAGES, EndReason, InstalledPages, MAX_FAULT_AROUND_PAGES, ServeError,
+    Serving, error_chain,
+};
 use crate::handshake::{self, DEFAULT_MAX_HANDSHAKE_BYTES, HandshakeError};
 use crate::pages::{PageBitmap, TouchLog};
 use crate::prefetch::PrefetchStore;
@@ -65,20 +69,32 @@ pub struct VmOptions {
     pub prefetch_key: Option<String>,
     /// Install the set recorded under the key right after the handshake.
     pub prefetch: bool,
-    /// When serving ends normally, merge the pages this VM faulted into the key's set.
+    /// When serving ends normally, merge the pages this VM had installed on demand (faulted
+    /// and fault-around) into the key's set.
     pub record: bool,
+    /// Fault-around window in pages: a fault also installs the pages of its aligned window
+    /// (same region, not removed, not yet in place). 1 turns it off; values are clamped to
+    /// `1..=MAX_FAULT_AROUND_PAGES`.
+    pub fault_around: u64,
 }
 
 impl VmOptions {
     /// Options with a name, no prefetch key, prefetch and recording on (they only act once a
-    /// key is set).
+    /// key is set), and fault-around of [`DEFAULT_FAULT_AROUND_PAGES`].
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             prefetch_key: None,
             prefetch: true,
             record: true,
+            fault_around: DEFAULT_FAULT_AROUND_PAGES,
         }
+    }
+
+    /// Sets the fault-around window (pages; 1 serves the faulting page alone).
+    pub fn with_fault_around(mut self, pages: u64) -> Self {
+        self.fault_around = pages.clamp(1, MAX_FAULT_AROUND_PAGES);
+        self
     }
 
     /// Sets the prefetch key.
@@ -393,7 +409,8 @@ impl VmHandle {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The pages faulted so far (flat offsets, first-touch order).
+    /// The pages installed on demand so far (flat offsets, install order): each faulting
+    /// page and the pages fault-around installed with it.
     pub fn touched(&self) -> Vec<u64> {
         self.shared
             .touched
@@ -552,10 +569,12 @@ impl VmRun {
         let serving = Serving {
             uffd: Arc::new(handshake.uffd),
             removed: Arc::new(RwLock::new(PageBitmap::new(regions.page_count()))),
+            installed: Arc::new(InstalledPages::new(regions.page_count())),
             regions,
             source: Arc::clone(&self.source),
             touched: Arc::clone(&self.shared.touched),
             stats: self.stats.clone(),
+            fault_around: self.options.fault_around.clamp(1, MAX_FAULT_AROUND_PAGES),
         };
         self.shared.set_state(VmState::Serving);
 
@@ -598,8 +617,8 @@ impl VmRun {
         self.prefetch.merge(key, touched.pages());
         tracing::info!(
             key,
-            faulted = touched.pages().len(),
-            "recorded the faulted pages"
+            installed_on_demand = touched.pages().len(),
+            "recorded the pages installed on demand"
         );
     }
 
@@ -786,6 +805,11 @@ mod tests {
         }
     }
 
+    /// Options without fault-around: one page per fault, the behaviour these counts assume.
+    fn single_page(name: &str) -> VmOptions {
+        VmOptions::new(name).with_fault_around(1)
+    }
+
     fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = Instant::now() + WAIT;
         while !condition() {
@@ -812,7 +836,7 @@ mod tests {
         let pager = Pager::new(PagerConfig::default());
         let path = socket_path(&dir, "vm");
         let vm = pager
-            .register(&path, file_source(&file), VmOptions::new("vm"))
+            .register(&path, file_source(&file), single_page("vm"))
             .expect("register");
         let mut vmm = FakeVmm::connect(&path);
         for page in 0..PAGES {
@@ -869,7 +893,7 @@ mod tests {
         let pager = Pager::new(PagerConfig::default());
         let path = socket_path(&dir, "vm");
         let vm = pager
-            .register(&path, file_source(&file), VmOptions::new("vm"))
+            .register(&path, file_source(&file), single_page("vm"))
             .expect("register");
         let vmm = FakeVmm::connect(&path);
         let readers: Vec<_> = (0..4)
@@ -908,7 +932,7 @@ mod tests {
         let pager = Pager::new(PagerConfig::default());
         let good_path = socket_path(&dir, "good");
         let good = pager
-            .register(&good_path, file_source(&file), VmOptions::new("good"))
+            .register(&good_path, file_source(&file), single_page("good"))
             .expect("good");
 
         type Misbehave = Box<dyn Fn(&UnixStream, &FakeVmm)>;
@@ -997,7 +1021,7 @@ mod tests {
             .register(
                 &path,
                 file_source(&file),
-                VmOptions::new("first").with_prefetch_key("build"),
+                single_page("first").with_prefetch_key("build"),
             )
             .expect("register");
         let mut vmm = FakeVmm::connect(&path);
@@ -1022,7 +1046,7 @@ mod tests {
             .register(
                 &path,
                 file_source(&file),
-                VmOptions::new("second").with_prefetch_key("build"),
+                single_page("second").with_prefetch_key("build"),
             )
             .expect("register");
         let vmm = FakeVmm::connect(&path);
@@ -1058,7 +1082,7 @@ mod tests {
         let pager = Pager::new(PagerConfig::default());
         let path = socket_path(&dir, "vm");
         let vm = pager
-            .register(&path, file_source(&file), VmOptions::new("vm"))
+            .register(&path, file_source(&file), single_page("vm"))
             .expect("register");
         let vmm = FakeVmm::connect(&path);
         assert_eq!(vmm.read_page(4), page_contents(offset_page(4)));
@@ -1118,7 +1142,7 @@ mod tests {
         let pager = Pager::new(PagerConfig::default());
         let path = socket_path(&dir, "vm");
         let vm = pager
-            .register(&path, source, VmOptions::new("vm"))
+            .register(&path, source, single_page("vm"))
             .expect("register");
         let vmm = FakeVmm::connect(&path);
 
@@ -1289,7 +1313,7 @@ mod tests {
             .register(
                 &path,
                 file_source(&file),
-                VmOptions::new("vm").with_prefetch_key("k"),
+                single_page("vm").with_prefetch_key("k"),
             )
             .expect("register");
         let vmm = FakeVmm::connect(&path);
@@ -1429,5 +1453,306 @@ mod tests {
             .expect_err("bind");
         assert!(matches!(err, PagerError::Bind { .. }), "{err}");
         assert!(err.to_string().contains("vm.sock"), "{err}");
+    }
+
+    // ---- fault-around (default window: 16 pages) -------------------------------------------
+    //
+    // Memory page p of the fake VMM holds flat page (p + 32) % 64, so memory pages 0..16 are
+    // the aligned window of flat pages 32..48, inside region 1 (flat pages 32..64).
+
+    fn to_u64(value: usize) -> u64 {
+        u64::try_from(value).expect("small")
+    }
+
+    /// Registers a VM with `options` and connects a fake VMM to it.
+    fn serve(
+        pager: &Pager,
+        dir: &tempfile::TempDir,
+        source: Arc<dyn PageSource>,
+        options: VmOptions,
+    ) -> (VmHandle, FakeVmm) {
+        let path = socket_path(dir, &options.name.clone());
+        let vm = pager.register(&path, source, options).expect("register");
+        let vmm = FakeVmm::connect(&path);
+        (vm, vmm)
+    }
+
+    /// Which memory pages (of all `PAGES`) are resident.
+    fn resident_pages(vmm: &FakeVmm) -> Vec<usize> {
+        let resident = vmm.memory.resident(0, PAGES * PAGE);
+        (0..PAGES).filter(|page| resident[*page]).collect()
+    }
+
+    /// Reads memory pages `pages` and checks each against the source.
+    fn assert_pages_match_source(vmm: &FakeVmm, pages: impl IntoIterator<Item = usize>) {
+        for page in pages {
+            assert_eq!(
+                vmm.read_page(page),
+                page_contents(offset_page(page)),
+                "page {page}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_fault_around_installs_the_window_before_it_is_touched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), VmOptions::new("vm"));
+        assert_eq!(vmm.read_page(5), page_contents(offset_page(5)));
+        assert_eq!(
+            resident_pages(&vmm),
+            (0..16).collect::<Vec<_>>(),
+            "the whole window, in place as the fault returns"
+        );
+        wait_until("the fault's stats", || {
+            vm.stats().counters.fault_latency.count == 1
+        });
+        assert_pages_match_source(&vmm, 0..16);
+        let counters = vm.stats().counters;
+        assert_eq!(counters.faults, 1, "{counters:?}");
+        assert_eq!(counters.around_pages, 15, "{counters:?}");
+        assert_eq!(
+            counters.pages_copied, 16,
+            "one mixed run, copied: {counters:?}"
+        );
+    }
+
+    #[test]
+    fn test_fault_around_reads_match_source_across_two_regions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        let (vm, mut vmm) = serve(&pager, &dir, file_source(&file), VmOptions::new("vm"));
+        assert_pages_match_source(&vmm, 0..PAGES);
+        wait_until("the last fault's stats", || {
+            vm.stats().counters.fault_latency.count == 4
+        });
+        let counters = vm.stats().counters;
+        assert_eq!(counters.faults, 4, "one per window: {counters:?}");
+        assert_eq!(counters.around_pages, 60, "{counters:?}");
+        assert_eq!(
+            counters.pages_copied + counters.zero_pages,
+            64,
+            "{counters:?}"
+        );
+        assert_eq!(counters.eexist, 0, "{counters:?}");
+        vmm.exit();
+        assert_eq!(vm.wait_timeout(WAIT), Some(VmState::Ended));
+    }
+
+    #[test]
+    fn test_fault_around_stops_at_the_region_edge() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        // A 64-page window spans both regions; only the faulting page's region is served.
+        let options = VmOptions::new("vm").with_fault_around(64);
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), options);
+        // Memory page 40 is flat page 8, in region 0 = memory pages 32..64.
+        assert_eq!(vmm.read_page(40), page_contents(offset_page(40)));
+        assert_eq!(resident_pages(&vmm), (32..64).collect::<Vec<_>>());
+        wait_until("the fault's stats", || {
+            vm.stats().counters.fault_latency.count == 1
+        });
+        assert_eq!(vm.stats().counters.around_pages, 31);
+        assert_pages_match_source(&vmm, 32..64);
+    }
+
+    #[test]
+    fn test_fault_around_skips_pages_already_installed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        // The prefetcher installs memory pages 2 and 9 first; the window must go around them.
+        let prefetched = [2usize, 9];
+        let set = prefetched
+            .map(|page| to_u64(offset_page(page) * PAGE))
+            .to_vec();
+        pager.prefetch_store().insert("k", set);
+        let options = VmOptions::new("vm").with_prefetch_key("k");
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), options);
+        wait_until("the prefetch", || vm.stats().counters.prefetched_pages == 2);
+        assert_eq!(vmm.read_page(5), page_contents(offset_page(5)));
+        wait_until("the window's other runs", || {
+            resident_pages(&vmm) == (0..16).collect::<Vec<_>>()
+        });
+        wait_until("the fault's stats", || {
+            vm.stats().counters.around_pages == 13
+        });
+        assert_pages_match_source(&vmm, 0..16);
+        let counters = vm.stats().counters;
+        assert_eq!(counters.faults, 1, "{counters:?}");
+        assert_eq!(
+            counters.eexist, 0,
+            "the bitmap kept the runs off them: {counters:?}"
+        );
+    }
+
+    #[test]
+    fn test_fault_around_partial_copy_before_the_fault_serves_it_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), VmOptions::new("vm"));
+        // Memory page 7 appears behind the pager's back: its run copy stops there.
+        let foreign = vec![0xabu8; PAGE];
+        let uffd = vmm.uffd.as_ref().expect("uffd");
+        let page7 = vmm.memory.addr() + to_u64(7 * PAGE);
+        assert_eq!(
+            uffd.copy(page7, &foreign, true).expect("copy"),
+            crate::uffd::Install::Done
+        );
+        assert_eq!(vmm.read_page(9), page_contents(offset_page(9)));
+        wait_until("the fault's stats", || {
+            vm.stats().counters.fault_latency.count == 1
+        });
+        let mut expected: Vec<usize> = (0..8).collect();
+        expected.push(9);
+        assert_eq!(
+            resident_pages(&vmm),
+            expected,
+            "the copied prefix and the fault"
+        );
+        assert_eq!(vmm.read_page(7), foreign, "never overwritten");
+        assert_pages_match_source(&vmm, 0..7);
+        let counters = vm.stats().counters;
+        assert_eq!(counters.around_pages, 7, "{counters:?}");
+        assert_eq!(counters.faults, 1, "{counters:?}");
+    }
+
+    #[test]
+    fn test_fault_around_partial_copy_past_the_fault_serves_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), VmOptions::new("vm"));
+        let uffd = vmm.uffd.as_ref().expect("uffd");
+        let page12 = vmm.memory.addr() + to_u64(12 * PAGE);
+        assert_eq!(
+            uffd.copy(page12, &vec![0xcdu8; PAGE], true).expect("copy"),
+            crate::uffd::Install::Done
+        );
+        assert_eq!(vmm.read_page(5), page_contents(offset_page(5)));
+        assert_eq!(resident_pages(&vmm), (0..13).collect::<Vec<_>>());
+        wait_until("the fault's stats", || {
+            vm.stats().counters.fault_latency.count == 1
+        });
+        let counters = vm.stats().counters;
+        assert_eq!(counters.around_pages, 11, "{counters:?}");
+        assert_eq!(counters.faults, 1, "{counters:?}");
+        assert_pages_match_source(&vmm, 0..12);
+    }
+
+    #[test]
+    fn test_fault_around_skips_a_removed_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), VmOptions::new("vm"));
+        // Returns once the pager has read (and applied) the REMOVE.
+        vmm.memory.dontneed(2 * PAGE, 2 * PAGE);
+        assert_eq!(vmm.read_page(5), page_contents(offset_page(5)));
+        wait_until("the window's other runs", || {
+            resident_pages(&vmm) == [0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+        });
+        assert_eq!(vmm.read_page(2), vec![0u8; PAGE], "removed: zeros");
+        assert_eq!(vmm.read_page(3), vec![0u8; PAGE], "removed: zeros");
+        assert_pages_match_source(&vmm, [0, 1, 4, 6, 15]);
+        let counters = vm.stats().counters;
+        assert_eq!(counters.remove_events, 1, "{counters:?}");
+        assert_eq!(counters.faults, 3, "{counters:?}");
+    }
+
+    #[test]
+    fn test_fault_around_all_zero_window_is_zero_pages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Flat pages 16..32 (memory pages 48..64) are all zeros.
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        for page in 0..PAGES {
+            let contents = if (16..32).contains(&page) {
+                vec![0u8; PAGE]
+            } else {
+                page_contents(page)
+            };
+            file.write_all(&contents).expect("write");
+        }
+        let pager = Pager::new(PagerConfig::default());
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), VmOptions::new("vm"));
+        assert_eq!(vmm.read_page(52), vec![0u8; PAGE]);
+        assert_eq!(resident_pages(&vmm), (48..64).collect::<Vec<_>>());
+        wait_until("the fault's stats", || {
+            vm.stats().counters.fault_latency.count == 1
+        });
+        let counters = vm.stats().counters;
+        assert_eq!(counters.zero_pages, 16, "{counters:?}");
+        assert_eq!(counters.pages_copied, 0, "{counters:?}");
+        assert_eq!(counters.bytes_copied, 0, "{counters:?}");
+        for page in 48..64 {
+            assert_eq!(vmm.read_page(page), vec![0u8; PAGE], "page {page}");
+        }
+    }
+
+    #[test]
+    fn test_fault_around_one_serves_the_faulting_page_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), single_page("vm"));
+        assert_eq!(vmm.read_page(5), page_contents(offset_page(5)));
+        assert_eq!(resident_pages(&vmm), vec![5]);
+        wait_until("the fault's stats", || {
+            vm.stats().counters.fault_latency.count == 1
+        });
+        let counters = vm.stats().counters;
+        assert_eq!(counters.around_pages, 0, "{counters:?}");
+        assert_eq!(counters.pages_copied, 1, "{counters:?}");
+    }
+
+    #[test]
+    fn test_fault_around_recording_feeds_a_coalesced_prefetch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        let options = VmOptions::new("first").with_prefetch_key("build");
+        let (first, mut vmm) = serve(&pager, &dir, file_source(&file), options);
+        vmm.read_page(5);
+        wait_until("the fault's stats", || {
+            first.stats().counters.fault_latency.count == 1
+        });
+        let window: Vec<u64> = (32..48).map(|page| to_u64(page * PAGE)).collect();
+        assert_eq!(first.touched(), window, "the window, in offset order");
+        vmm.exit();
+        assert_eq!(first.wait_timeout(WAIT), Some(VmState::Ended));
+
+        let options = VmOptions::new("second").with_prefetch_key("build");
+        let (second, vmm) = serve(&pager, &dir, file_source(&file), options);
+        wait_until("the prefetch", || {
+            second.stats().counters.prefetched_pages == 16
+        });
+        assert_eq!(resident_pages(&vmm), (0..16).collect::<Vec<_>>());
+        assert_pages_match_source(&vmm, 0..16);
+        assert_eq!(second.stats().counters.faults, 0);
+    }
+
+    #[test]
+    fn test_prefetch_consecutive_pages_split_at_the_region_edge() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = memory_file(PAGES);
+        let pager = Pager::new(PagerConfig::default());
+        // Flat pages 20..40 cross from region 0 (memory 52..64) into region 1 (memory 0..8).
+        let set: Vec<u64> = (20..40).map(|page| to_u64(page * PAGE)).collect();
+        pager.prefetch_store().insert("k", set);
+        let options = VmOptions::new("vm").with_prefetch_key("k");
+        let (vm, vmm) = serve(&pager, &dir, file_source(&file), options);
+        wait_until("the prefetch", || {
+            vm.stats().counters.prefetched_pages == 20
+        });
+        let mut expected: Vec<usize> = (0..8).collect();
+        expected.extend(52..64);
+        assert_eq!(resident_pages(&vmm), expected);
+        assert_pages_match_source(&vmm, expected.iter().copied());
+        assert_eq!(vm.stats().counters.faults, 0);
     }
 }

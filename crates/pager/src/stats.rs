@@ -133,6 +133,7 @@ pub struct Counters {
     zero_pages: AtomicU64,
     bytes_copied: AtomicU64,
     prefetched_pages: AtomicU64,
+    around_pages: AtomicU64,
     eexist: AtomicU64,
     eagain: AtomicU64,
     remove_events: AtomicU64,
@@ -149,6 +150,7 @@ impl Counters {
             zero_pages: load(&self.zero_pages),
             bytes_copied: load(&self.bytes_copied),
             prefetched_pages: load(&self.prefetched_pages),
+            around_pages: load(&self.around_pages),
             eexist: load(&self.eexist),
             eagain: load(&self.eagain),
             remove_events: load(&self.remove_events),
@@ -162,14 +164,19 @@ impl Counters {
 pub struct CounterStats {
     /// Page-fault events received.
     pub faults: u64,
-    /// Pages installed with `UFFDIO_COPY` (faults and prefetch).
+    /// Pages installed with `UFFDIO_COPY` (faults, fault-around and prefetch; zero pages
+    /// inside a copied run count here).
     pub pages_copied: u64,
-    /// Pages installed with `UFFDIO_ZEROPAGE` (faults and prefetch).
+    /// Pages installed with `UFFDIO_ZEROPAGE` (faults, fault-around and prefetch).
     pub zero_pages: u64,
     /// Bytes installed with `UFFDIO_COPY`.
     pub bytes_copied: u64,
     /// Pages the prefetcher installed (it lost no race for them).
     pub prefetched_pages: u64,
+    /// Pages installed around a faulting page, in the same ioctl or the same window, before
+    /// anything touched them (the faulting pages themselves are not counted).
+    #[serde(default)]
+    pub around_pages: u64,
     /// Installs that found the page already there (`EEXIST`).
     pub eexist: u64,
     /// Installs deferred because the memory layout was changing (`EAGAIN`).
@@ -201,17 +208,22 @@ impl StatsSink {
         self.bump(|c| &c.faults, 1);
     }
 
-    pub(crate) fn copied(&self, bytes: u64) {
-        self.bump(|c| &c.pages_copied, 1);
+    /// `pages` pages (`bytes` bytes) installed with `UFFDIO_COPY`.
+    pub(crate) fn copied(&self, pages: u64, bytes: u64) {
+        self.bump(|c| &c.pages_copied, pages);
         self.bump(|c| &c.bytes_copied, bytes);
     }
 
-    pub(crate) fn zero_page(&self) {
-        self.bump(|c| &c.zero_pages, 1);
+    pub(crate) fn zero_pages(&self, pages: u64) {
+        self.bump(|c| &c.zero_pages, pages);
     }
 
-    pub(crate) fn prefetched(&self) {
-        self.bump(|c| &c.prefetched_pages, 1);
+    pub(crate) fn prefetched(&self, pages: u64) {
+        self.bump(|c| &c.prefetched_pages, pages);
+    }
+
+    pub(crate) fn around(&self, pages: u64) {
+        self.bump(|c| &c.around_pages, pages);
     }
 
     pub(crate) fn eexist(&self) {
@@ -264,15 +276,32 @@ mod tests {
         let vm = Arc::new(Counters::default());
         let total = Arc::new(Counters::default());
         let sink = StatsSink::new(Arc::clone(&vm), Arc::clone(&total));
-        sink.copied(4096);
+        sink.copied(1, 4096);
         sink.eexist();
+        sink.around(15);
         for counters in [&vm, &total] {
             let stats = counters.snapshot();
             assert_eq!(
-                (stats.pages_copied, stats.bytes_copied, stats.eexist),
-                (1, 4096, 1)
+                (
+                    stats.pages_copied,
+                    stats.bytes_copied,
+                    stats.eexist,
+                    stats.around_pages
+                ),
+                (1, 4096, 1, 15)
             );
         }
+    }
+
+    #[test]
+    fn test_counter_stats_without_around_pages_deserializes_as_zero() {
+        let mut json = serde_json::to_value(CounterStats::default()).expect("json");
+        json.as_object_mut()
+            .expect("object")
+            .remove("around_pages")
+            .expect("field present");
+        let stats: CounterStats = serde_json::from_value(json).expect("older stats parse");
+        assert_eq!(stats.around_pages, 0);
     }
 
     proptest! {

@@ -162,9 +162,14 @@ pub enum Install {
     Done,
     /// `EEXIST`: the page was already mapped (a racing fault or the prefetcher won).
     Exists,
-    /// `EAGAIN` (or a partial copy): the VMM's memory layout is changing, typically a REMOVE
-    /// event waits in the queue. Read the events, then retry.
+    /// `EAGAIN` with nothing installed: the VMM's memory layout is changing, typically a
+    /// REMOVE event waits in the queue. Read the events, then retry.
     Again,
+    /// A multi-page install stopped part way: the first `bytes` of the range are mapped (and
+    /// their waiters woken, unless asked not to), the rest is not. The kernel stops at the
+    /// first page already present (or when the layout starts changing) and reports how far it
+    /// got; what stopped it is not reported.
+    Partial { bytes: u64 },
     /// `ENOENT`: the destination is no longer registered memory (the VMM unmapped it).
     Vanished,
     /// `ESRCH`: the process that owns the memory is gone.
@@ -366,7 +371,7 @@ impl Uffd {
             return Ok(Install::Done);
         }
         let error = io::Error::last_os_error();
-        classify(error, "UFFDIO_COPY", dst, len)
+        classify(error, copy.copy, "UFFDIO_COPY", dst, len)
     }
 
     /// `UFFDIO_ZEROPAGE`: maps the zero page over `[dst, dst + len)` (VMM address space).
@@ -382,7 +387,8 @@ impl Uffd {
         if ret == 0 {
             return Ok(Install::Done);
         }
-        classify(io::Error::last_os_error(), "UFFDIO_ZEROPAGE", dst, len)
+        let error = io::Error::last_os_error();
+        classify(error, zero.zeropage, "UFFDIO_ZEROPAGE", dst, len)
     }
 
     /// `UFFDIO_WAKE`: wakes the threads waiting on `[start, start + len)`.
@@ -393,7 +399,7 @@ impl Uffd {
         if ret == 0 {
             return Ok(Install::Done);
         }
-        classify(io::Error::last_os_error(), "UFFDIO_WAKE", start, len)
+        classify(io::Error::last_os_error(), 0, "UFFDIO_WAKE", start, len)
     }
 
     /// Reads as many whole messages as fit in `buf` without blocking (the descriptor must be
@@ -443,12 +449,26 @@ pub fn fd_is_userfaultfd(fd: RawFd) -> bool {
     }
 }
 
+/// The outcome of a failed serving ioctl. `progress` is the kernel's `copy` / `zeropage`
+/// result field: bytes installed before it stopped when positive (the errno is then EAGAIN,
+/// whatever stopped it), a negative errno or 0 otherwise.
 fn classify(
     error: io::Error,
+    progress: i64,
     op: &'static str,
     start: u64,
     len: u64,
 ) -> Result<Install, UffdError> {
+    if let Ok(bytes) = u64::try_from(progress)
+        && bytes > 0
+    {
+        // Never more than asked: a larger value would be a kernel bug, treated as done.
+        return Ok(if bytes >= len {
+            Install::Done
+        } else {
+            Install::Partial { bytes }
+        });
+    }
     match error.raw_os_error().and_then(Install::from_errno) {
         Some(outcome) => Ok(outcome),
         None => Err(UffdError::Ioctl {
@@ -664,6 +684,63 @@ mod tests {
             Install::Exists
         );
         assert_eq!(memory.read(0, 4096), page.to_vec());
+    }
+
+    #[test]
+    fn test_copy_run_over_a_present_page_is_partial() {
+        let memory = AnonMemory::new(4 * 4096);
+        let uffd = registered(&memory, UFFD_FEATURE_EVENT_REMOVE);
+        let present = [0x11u8; 4096];
+        assert_eq!(
+            uffd.copy(memory.addr() + 2 * 4096, &present, true)
+                .expect("copy"),
+            Install::Done
+        );
+        let run = [0x22u8; 4 * 4096];
+        assert_eq!(
+            uffd.copy(memory.addr(), &run, true).expect("copy"),
+            Install::Partial { bytes: 2 * 4096 }
+        );
+        assert_eq!(memory.read(0, 2 * 4096), vec![0x22u8; 2 * 4096]);
+        assert_eq!(memory.read(2 * 4096, 4096), present.to_vec());
+        assert_eq!(
+            memory.resident(3 * 4096, 4096),
+            vec![false],
+            "the kernel stops at the present page"
+        );
+    }
+
+    #[test]
+    fn test_copy_run_starting_on_a_present_page_is_exists() {
+        let memory = AnonMemory::new(3 * 4096);
+        let uffd = registered(&memory, 0);
+        assert_eq!(
+            uffd.copy(memory.addr(), &[1u8; 4096], true).expect("copy"),
+            Install::Done
+        );
+        assert_eq!(
+            uffd.copy(memory.addr(), &[2u8; 3 * 4096], true)
+                .expect("copy"),
+            Install::Exists
+        );
+    }
+
+    #[test]
+    fn test_zeropage_run_over_a_present_page_is_partial() {
+        let memory = AnonMemory::new(3 * 4096);
+        let uffd = registered(&memory, 0);
+        assert_eq!(
+            uffd.copy(memory.addr() + 4096, &[7u8; 4096], true)
+                .expect("copy"),
+            Install::Done
+        );
+        assert_eq!(
+            uffd.zeropage(memory.addr(), 3 * 4096, true)
+                .expect("zeropage"),
+            Install::Partial { bytes: 4096 }
+        );
+        assert_eq!(memory.read(0, 4096), vec![0u8; 4096]);
+        assert_eq!(memory.read(4096, 4096), vec![7u8; 4096]);
     }
 
     #[test]
