@@ -145,22 +145,31 @@ pub fn save_state(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuState,
     })
 }
 
+/// MSRs go to KVM this many at a time (well under its limit on one call).
+const MSR_CHUNK: usize = 64;
+
+/// A `kvm_msrs` list of (index, value) pairs; at most [`MSR_CHUNK`] of them.
+fn msr_list(pairs: &[(u32, u64)]) -> Msrs {
+    let entries: Vec<kvm_msr_entry> = pairs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).expect("at most MSR_CHUNK entries")
+}
+
 /// Reads `list` in chunks. KVM stops at the first MSR it cannot read: that one is skipped
 /// (logged) and reading goes on after it.
 fn read_msrs(fd: &VcpuFd, index: u8, list: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
-    const CHUNK: usize = 64;
     let mut out = Vec::with_capacity(list.len());
     let mut rest = list;
     while !rest.is_empty() {
-        let chunk = &rest[..rest.len().min(CHUNK)];
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).expect("at most 64 entries");
+        let chunk = &rest[..rest.len().min(MSR_CHUNK)];
+        let pairs: Vec<(u32, u64)> = chunk.iter().map(|&index| (index, 0)).collect();
+        let mut msrs = msr_list(&pairs);
         let read = fd.get_msrs(&mut msrs).map_err(|source| VcpuError::Save {
             index,
             what: "MSRs",
@@ -214,17 +223,8 @@ pub fn restore_state(fd: &VcpuFd, index: u8, state: &VcpuState) -> Result<(), Vc
     fd.set_debug_regs(&state.debug_regs)
         .map_err(err("debug registers"))?;
     fd.set_lapic(&state.lapic).map_err(err("LAPIC"))?;
-    for chunk in state.msrs.chunks(64) {
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries).expect("at most 64 entries");
-        let set = fd.set_msrs(&msrs).map_err(err("MSRs"))?;
+    for chunk in state.msrs.chunks(MSR_CHUNK) {
+        let set = fd.set_msrs(&msr_list(chunk)).map_err(err("MSRs"))?;
         if set < chunk.len() {
             return Err(VcpuError::MsrRefused {
                 index,
@@ -306,16 +306,7 @@ pub fn configure(
     cpuid::apply_template(&mut cpuid, index, count);
     fd.set_cpuid2(&cpuid).map_err(err("CPUID"))?;
 
-    let entries: Vec<kvm_msr_entry> = BOOT_MSRS
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
-    let msrs = Msrs::from_entries(&entries).expect("a short fixed list");
-    fd.set_msrs(&msrs).map_err(err("MSRs"))?;
+    fd.set_msrs(&msr_list(&BOOT_MSRS)).map_err(err("MSRs"))?;
 
     let fpu = kvm_fpu {
         fcw: 0x37f,
