@@ -17,8 +17,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 
-use vm_memory::{Bytes, GuestAddress};
-use wrenn_snapshot::diff::DiffWriter;
 use wrenn_snapshot::header::Header;
 use wrenn_snapshot::id::BuildId;
 use wrenn_snapshot::store::Store;
@@ -156,34 +154,30 @@ pub fn new_build_dir(layers: &LayersParams) -> Result<PathBuf, SnapshotError> {
     }
 }
 
-/// The dirty pages, packed; all-zero pages are recorded as zero runs and not stored.
+/// The dirty pages, packed, written straight from guest memory (one write per run, no copy
+/// through this process and no scan for zeros: a page the guest zeroed is stored like any
+/// other, which costs 4 KiB and saves reading every dirtied byte once more).
 fn write_packed(
     mem: &GuestMemory,
     path: &std::path::Path,
     dirty: &[bool],
 ) -> Result<Vec<wrenn_snapshot::header::DirtyRun>, SnapshotError> {
-    let mut writer = DiffWriter::create(path, PAGE_SIZE as u64).map_err(LayerError::from)?;
-    let mut page = vec![0u8; PAGE_SIZE];
-    for (index, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
-        let index = u64::try_from(index).expect("x86_64");
-        let addr = guest_addr_of(mem, index * PAGE_SIZE as u64);
-        mem.read_slice(&mut page, addr)
-            .map_err(|e| LayerError::Io(format!("reading guest page {index}: {e}")))?;
-        writer.push(index, &page).map_err(LayerError::from)?;
-    }
-    Ok(writer.finish().map_err(LayerError::from)?.runs)
-}
-
-fn guest_addr_of(mem: &GuestMemory, flat: u64) -> GuestAddress {
-    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
-    let mut base = 0;
-    for r in mem.iter() {
-        if flat < base + r.len() {
-            return GuestAddress(r.start_addr().0 + flat - base);
-        }
-        base += r.len();
-    }
-    GuestAddress(u64::MAX)
+    let io = |source| SnapshotError::MemoryFile {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io)?;
+    memory_file::write_pages(mem, &mut file, dirty, memory_file::Placement::Packed).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(runs_of(dirty, true)
+        .into_iter()
+        .map(|run| wrenn_snapshot::header::DirtyRun { run, zero: false })
+        .collect())
 }
 
 /// Runs of consecutive pages whose flag equals `want`.
