@@ -961,7 +961,7 @@ fn qemu_source(setup: &Setup, size: u32) -> Result<PathBuf> {
     if size != DIFF_SIZE_MIB || !vsock {
         return Ok(file);
     }
-    qmp.execute("cont", None)?;
+    qmp.cont()?;
     dirty(&mut vm, Path::new(""), GUEST_CID, 2)?;
     qmp.execute("stop", None)?;
     let again = setup.path("qemu-diff.migration");
@@ -1220,7 +1220,7 @@ fn restore_qemu(setup: &Setup, snaps: &Snapshots, tag: &str, cid: u32) -> Result
     );
     // QEMU changes the run state before it reports completion; the stream was saved
     // stopped, so the VM is paused now whatever -S says.
-    qmp.execute("cont", None)?;
+    qmp.cont()?;
     let running = vm.started.elapsed();
     let answered = if setup.qemu_vsock.is_ok() {
         vsock_echo(&mut vm, Path::new(""), cid, deadline)?;
@@ -1645,6 +1645,22 @@ impl Qmp {
                 QmpMessage::Error(e) => bail!("QMP {command}: {e}"),
                 QmpMessage::Event(name, data) => self.events.push((name, data)),
                 QmpMessage::Greeting => bail!("QMP {command}: a second greeting"),
+            }
+        }
+    }
+
+    /// `cont`, once QEMU's migration thread has finished tidying up: the `MIGRATION
+    /// completed` event can come a moment before QEMU accepts `cont` ("Migration is not
+    /// finalized yet").
+    fn cont(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.execute("cont", None) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.to_string().contains("not finalized") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
             }
         }
     }
