@@ -58,6 +58,10 @@ pub enum LayerError {
     Io(String),
 }
 
+/// Zero runs shorter than this (64 KiB) are not worth a mapping of their own in a Full's
+/// header.
+const MIN_ZERO_RUN_PAGES: u64 = 16;
+
 /// The memory layer this VM's RAM currently equals (after a layered snapshot or restore).
 #[derive(Debug, Clone)]
 pub struct MemoryLineage {
@@ -117,7 +121,13 @@ pub fn write_memory(
             .map_err(LayerError::from)?
     } else {
         let written = memory_file::write_full(mem, &data_path, machine.memory_is_anonymous)?;
-        let zero_runs = runs_of(&written.data_pages, false);
+        // Short zero stretches stay identity-mapped (they read as the file's holes): a
+        // header of a few long zero runs instead of one per free page keeps every later
+        // diff and lookup cheap.
+        let zero_runs: Vec<_> = runs_of(&written.data_pages, false)
+            .into_iter()
+            .filter(|r| r.blocks >= MIN_ZERO_RUN_PAGES)
+            .collect();
         Header::full(build, size, PAGE_SIZE as u64, &zero_runs).map_err(LayerError::from)?
     };
     header
