@@ -105,6 +105,8 @@ pub fn write_memory(
     let mem = machine.vm.memory();
     let size = flat_size(mem);
     let data_path = store.mem_data(build);
+    let started = std::time::Instant::now();
+    let data_ms;
     let header = if diff {
         let parent = lineage.as_ref().ok_or(LayerError::NoParent)?;
         if parent.store != store.root() {
@@ -115,12 +117,14 @@ pub fn write_memory(
             .into());
         }
         let runs = write_packed(mem, &data_path, dirty)?;
+        data_ms = started.elapsed().as_millis();
         parent
             .header
             .apply_diff(build, &runs)
             .map_err(LayerError::from)?
     } else {
         let written = memory_file::write_full(mem, &data_path, machine.memory_is_anonymous)?;
+        data_ms = started.elapsed().as_millis();
         // Short zero stretches stay identity-mapped (they read as the file's holes): a
         // header of a few long zero runs instead of one per free page keeps every later
         // diff and lookup cheap.
@@ -137,6 +141,8 @@ pub fn write_memory(
         build = %build,
         generation = header.generation,
         runs = header.mappings.len(),
+        data_ms,
+        total_ms = started.elapsed().as_millis(),
         "memory layer written"
     );
     let layer = LayerRef {

@@ -341,6 +341,7 @@ pub fn create(
     let vm = machine.vm.save_state()?;
     let mem = machine.vm.memory();
     let size = memory_file::flat_size(mem);
+    let state_ms = started.elapsed().as_millis();
     // From here on the dirty log is consumed: should anything fail, it is given back, so that
     // the next Diff still holds every page written since the last snapshot that succeeded.
     let dirty = memory_file::take_dirty(machine)?;
@@ -380,6 +381,7 @@ pub fn create(
             tracing::info!(
                 kind = ?params.snapshot_type,
                 elapsed_ms = started.elapsed().as_millis(),
+                vm_and_devices_ms = state_ms,
                 state = %state_path.display(),
                 "snapshot taken"
             );
