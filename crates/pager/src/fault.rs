@@ -182,21 +182,10 @@ impl InstalledPages {
     }
 
     fn update(&self, start: u64, end: u64, apply: impl Fn(&AtomicU64, u64)) {
-        let mut page = start / PAGE_SIZE;
-        let end_page = (end / PAGE_SIZE).min(self.pages);
-        while page < end_page {
-            let Some((word, _)) = self.word(page) else {
-                return;
-            };
-            let first_bit = page % 64;
-            let bits = (end_page - page).min(64 - first_bit);
-            let mask = if bits == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << bits) - 1) << first_bit
-            };
-            apply(word, mask);
-            page += bits;
+        for (word, mask) in crate::pages::word_masks(start, end, self.pages) {
+            if let Some(word) = self.words.get(word) {
+                apply(word, mask);
+            }
         }
     }
 

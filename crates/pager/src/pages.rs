@@ -6,6 +6,28 @@
 
 use crate::regions::PAGE_SIZE;
 
+/// The words, and the bits within each, that cover the pages of `[start, end)` (page-aligned
+/// byte offsets) in a bitmap of `pages` pages: whole words at a time, clipped to the bitmap.
+pub(crate) fn word_masks(start: u64, end: u64, pages: u64) -> impl Iterator<Item = (usize, u64)> {
+    let end_page = (end / PAGE_SIZE).min(pages);
+    let mut page = start / PAGE_SIZE;
+    std::iter::from_fn(move || {
+        if page >= end_page {
+            return None;
+        }
+        let word = usize::try_from(page / 64).ok()?;
+        let first_bit = page % 64;
+        let bits = (end_page - page).min(64 - first_bit);
+        let mask = if bits == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << bits) - 1) << first_bit
+        };
+        page += bits;
+        Some((word, mask))
+    })
+}
+
 /// One bit per page of `[0, pages * PAGE_SIZE)`.
 #[derive(Debug, Clone, Default)]
 pub struct PageBitmap {
@@ -44,21 +66,10 @@ impl PageBitmap {
     /// Sets every page that `[start, end)` (byte offsets, page-aligned) covers, clipped to the
     /// bitmap; whole words at a time.
     pub fn insert_range(&mut self, start: u64, end: u64) {
-        let mut page = start / PAGE_SIZE;
-        let end_page = (end / PAGE_SIZE).min(self.pages);
-        while page < end_page {
-            let Some((word, _)) = self.position(page) else {
-                return;
-            };
-            let first_bit = page % 64;
-            let bits = (end_page - page).min(64 - first_bit);
-            let mask = if bits == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << bits) - 1) << first_bit
-            };
-            self.words[word] |= mask;
-            page += bits;
+        for (word, mask) in word_masks(start, end, self.pages) {
+            if let Some(w) = self.words.get_mut(word) {
+                *w |= mask;
+            }
         }
     }
 
