@@ -121,7 +121,7 @@ pub fn map_files(
 
 /// The host address of flat-range offset `device_offset`, and how many bytes of its region
 /// follow it.
-pub fn host_address(mem: &GuestMemory, device_offset: u64) -> Option<(usize, u64)> {
+fn host_address(mem: &GuestMemory, device_offset: u64) -> Option<(usize, u64)> {
     use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
     let mut base = 0u64;
     for region in mem.iter() {

@@ -396,7 +396,6 @@ pub struct VcpuHandle {
     commands: mpsc::Sender<VcpuCommand>,
     acks: mpsc::Receiver<VcpuCommand>,
     states: mpsc::Receiver<Result<VcpuState, VcpuError>>,
-    paused_at_start: bool,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -476,7 +475,6 @@ pub fn spawn(
         commands: cmd_tx,
         acks: ack_rx,
         states: state_rx,
-        paused_at_start: start_paused,
     };
     if start_paused {
         // The Pause queued above is acknowledged before the guest runs an instruction.
@@ -493,11 +491,6 @@ impl VcpuHandle {
             return Ok(());
         }
         self.wait_ack(command, timeout)
-    }
-
-    /// Whether the thread was started paused (and has not been told anything since).
-    pub fn started_paused(&self) -> bool {
-        self.paused_at_start
     }
 
     /// The vCPU's state, read on its own thread; it must be paused.

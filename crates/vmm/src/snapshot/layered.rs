@@ -96,12 +96,12 @@ fn parse(params: &LayersParams) -> Result<(Store, BuildId), LayerError> {
 /// the layer it is.
 pub fn write_memory(
     machine: &Machine,
-    layers: &LayersParams,
+    target: &BuildRef,
     diff: bool,
     dirty: &[bool],
     lineage: &Option<MemoryLineage>,
 ) -> Result<(PathBuf, LayerRef, MemoryLineage), SnapshotError> {
-    let (store, build) = parse(layers)?;
+    let (store, build) = (&target.store, target.build);
     let mem = machine.vm.memory();
     let size = flat_size(mem);
     let data_path = store.mem_data(build);
@@ -112,7 +112,7 @@ pub fn write_memory(
         if parent.store != store.root() {
             return Err(LayerError::OtherStore {
                 parent: parent.store.display().to_string(),
-                asked: layers.store.clone(),
+                asked: store.root().display().to_string(),
             }
             .into());
         }
@@ -158,9 +158,9 @@ pub fn write_memory(
 
 /// Makes the build's directory, which must be new: a build is written once. Returns it, for
 /// removal should the snapshot fail half way.
-pub fn new_build_dir(layers: &LayersParams) -> Result<PathBuf, SnapshotError> {
-    let (store, build) = parse(layers)?;
-    let dir = store.build_dir(build);
+pub fn new_build_dir(target: &BuildRef) -> Result<PathBuf, SnapshotError> {
+    let build = target.build;
+    let dir = target.store.build_dir(build);
     match std::fs::create_dir(&dir) {
         Ok(()) => Ok(dir),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -222,29 +222,29 @@ fn runs_of(flags: &[bool], want: bool) -> Vec<wrenn_snapshot::header::Run> {
 pub fn write_disks(
     machine: &Machine,
     resources: &Resources,
-    layers: &LayersParams,
+    target: &BuildRef,
 ) -> Result<(), SnapshotError> {
-    let (store, build) = parse(layers)?;
+    let (store, build) = (&target.store, target.build);
     for (drive, device) in resources.drives.iter().zip(&machine.virtio) {
         if drive.layers.is_none() {
             continue;
         }
         crate::devices::bus::lock(device)
-            .snapshot_disk(&store, build)
+            .snapshot_disk(store, build)
             .map_err(LayerError::Io)?;
         tracing::info!(drive = %drive.drive_id, build = %build, "disk layer written");
     }
     Ok(())
 }
 
-/// A load request's `layers`, checked.
+/// A request's `layers` (create or load), checked once: the store and the build in it.
 #[derive(Debug)]
-pub struct LoadLayers {
+pub struct BuildRef {
     store: Store,
     build: BuildId,
 }
 
-impl LoadLayers {
+impl BuildRef {
     pub fn open(params: &LayersParams) -> Result<Self, SnapshotError> {
         let (store, build) = parse(params)?;
         Ok(Self { store, build })

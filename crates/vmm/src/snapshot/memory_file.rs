@@ -35,10 +35,13 @@ fn regions(mem: &GuestMemory) -> Vec<(GuestAddress, u64, u64)> {
 }
 
 fn guest_addr(mem: &GuestMemory, page: u64) -> GuestAddress {
-    for (start, first, pages) in regions(mem) {
+    let mut first = 0;
+    for region in mem.iter() {
+        let pages = region.len() / PAGE;
         if page < first + pages {
-            return GuestAddress(start.0 + (page - first) * PAGE);
+            return GuestAddress(region.start_addr().0 + (page - first) * PAGE);
         }
+        first += pages;
     }
     GuestAddress(u64::MAX)
 }

@@ -186,7 +186,7 @@ impl SavedConfig {
         &self,
         params: &SnapshotLoadParams,
         before: &Resources,
-        layers: Option<&layered::LoadLayers>,
+        layers: Option<&layered::BuildRef>,
         track_dirty_pages: bool,
     ) -> Result<Resources, SnapshotError> {
         let mut r = Resources {
@@ -332,6 +332,11 @@ pub fn create(
     if diff && !machine.vm.tracks_dirty_pages() {
         return Err(SnapshotError::NoDirtyTracking);
     }
+    let target = params
+        .layers
+        .as_ref()
+        .map(layered::BuildRef::open)
+        .transpose()?;
     let devices = save_devices(machine);
     let vcpus = machine
         .vcpus
@@ -345,8 +350,8 @@ pub fn create(
     // From here on the dirty log is consumed: should anything fail, it is given back, so that
     // the next Diff still holds every page written since the last snapshot that succeeded.
     let dirty = memory_file::take_dirty(machine)?;
-    let build_dir = match &params.layers {
-        Some(layers) => match layered::new_build_dir(layers) {
+    let build_dir = match &target {
+        Some(target) => match layered::new_build_dir(target) {
             Ok(dir) => Some(dir),
             Err(e) => {
                 memory_file::give_back_dirty(mem, &dirty);
@@ -355,7 +360,7 @@ pub fn create(
         },
         None => None,
     };
-    let written = write_all(machine, resources, params, &dirty, lineage).and_then(
+    let written = write_all(machine, resources, params, target.as_ref(), &dirty, lineage).and_then(
         |(state_path, layer, new_lineage)| {
             let state = MicrovmState {
                 config: SavedConfig::of(resources),
@@ -404,12 +409,13 @@ fn write_all(
     machine: &Machine,
     resources: &Resources,
     params: &SnapshotCreateParams,
+    target: Option<&layered::BuildRef>,
     dirty: &[bool],
     lineage: &Lineage,
 ) -> Result<(PathBuf, Option<LayerRef>, Lineage), SnapshotError> {
     let diff = params.snapshot_type == SnapshotType::Diff;
     let mem = machine.vm.memory();
-    match &params.layers {
+    match target {
         None => {
             let state_path = required(&params.snapshot_path, "snapshot_path")?;
             let mem_path = required(&params.mem_file_path, "mem_file_path")?;
@@ -426,14 +432,14 @@ fn write_all(
             );
             Ok((state_path, None, None))
         }
-        Some(layers) => {
+        Some(target) => {
             let (state_path, layer, new_lineage) =
-                layered::write_memory(machine, layers, diff, dirty, lineage)?;
+                layered::write_memory(machine, target, diff, dirty, lineage)?;
             let state_path = params
                 .snapshot_path
                 .as_ref()
                 .map_or(state_path, PathBuf::from);
-            layered::write_disks(machine, resources, layers)?;
+            layered::write_disks(machine, resources, target)?;
             Ok((state_path, Some(layer), Some(new_lineage)))
         }
     }
@@ -476,7 +482,7 @@ pub fn load(
     let layers = params
         .layers
         .as_ref()
-        .map(layered::LoadLayers::open)
+        .map(layered::BuildRef::open)
         .transpose()?;
     let state_path = match (&params.snapshot_path, &layers) {
         (Some(p), _) if !p.is_empty() => PathBuf::from(p),
