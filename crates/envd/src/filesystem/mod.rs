@@ -1,0 +1,9 @@
+//! The `filesystem.Filesystem` Connect service.
+use std::sync::Arc;
+
+use crate::state::Shared;
+
+/// Adds the filesystem service to `router`.
+pub fn register(router: connectrpc::Router, _shared: Arc<Shared>) -> connectrpc::Router {
+    router
+}
