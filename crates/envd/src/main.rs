@@ -17,6 +17,10 @@ struct Args {
     /// The user requests run as when they name none (until `/init` says otherwise).
     #[arg(long, default_value = "root")]
     default_user: String,
+    /// Read users and groups from DIR/passwd and DIR/group instead of /etc (envd outside a
+    /// sandbox: tests, a container with its own user database).
+    #[arg(long, value_name = "DIR", default_value = "/etc")]
+    etc: std::path::PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,7 +42,10 @@ fn main() -> anyhow::Result<()> {
             default_user: args.default_user,
             ..Settings::default()
         };
-        let shared = Shared::new(settings, UserDb::system());
+        let shared = Shared::new(
+            settings,
+            UserDb::at(args.etc.join("passwd"), args.etc.join("group")),
+        );
         let app = wrenn_envd::server::app(shared);
         wrenn_envd::server::serve_tcp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.port)), app)
             .await
