@@ -69,10 +69,12 @@ impl Envd {
         let envd = Self { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(reply) = envd.client().get("/health") {
-                if reply.status == 204 {
-                    break;
-                }
+            if envd
+                .client()
+                .get("/health")
+                .is_ok_and(|reply| reply.status == 204)
+            {
+                break;
             }
             assert!(Instant::now() < deadline, "envd did not answer /health");
             std::thread::sleep(Duration::from_millis(20));
@@ -188,7 +190,7 @@ impl Client {
         self
     }
 
-    pub fn as_user(self, user: &str) -> Self {
+    pub fn user(self, user: &str) -> Self {
         let (k, v) = basic(user);
         self.with(&k, &v)
     }
@@ -206,7 +208,7 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
         body: &[u8],
-    ) -> std::io::Result<(u16, Vec<(String, String)>, BodyReader)> {
+    ) -> std::io::Result<Head> {
         let mut stream = self.connect()?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
@@ -359,7 +361,10 @@ enum BodyMode {
     Close,
 }
 
-fn read_head(stream: TcpStream) -> std::io::Result<(u16, Vec<(String, String)>, BodyReader)> {
+/// Status, headers (names lower-cased) and the body still to read.
+pub type Head = (u16, Vec<(String, String)>, BodyReader);
+
+fn read_head(stream: TcpStream) -> std::io::Result<Head> {
     let mut inner = BufReader::new(stream);
     let mut line = String::new();
     inner.read_line(&mut line)?;
