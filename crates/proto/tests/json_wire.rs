@@ -29,9 +29,7 @@ fn process_events_as_the_sdk_reads_them() {
         event: ProcessEvent {
             event: Some(process_event::Event::Data(Box::new(
                 process_event::DataEvent {
-                    output: Some(process_event::data_event::Output::Stdout(
-                        b"hi\n".to_vec().into(),
-                    )),
+                    output: Some(process_event::data_event::Output::Stdout(b"hi\n".to_vec())),
                     ..Default::default()
                 },
             ))),

@@ -319,6 +319,14 @@ pub struct Stream {
 }
 
 impl Stream {
+    pub fn from_parts(status: u16, reader: BodyReader) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            reader,
+        }
+    }
+
     /// The next frame, or None at the end of the body.
     pub fn next(&mut self) -> Option<Frame> {
         let mut header = [0u8; 5];
