@@ -29,6 +29,13 @@ pub struct Settings {
     pub sandbox_id: Option<String>,
     /// The template the sandbox was made from, when the host said it.
     pub template_id: Option<String>,
+    /// envd may change the machine: set the clock, reseed the kernel's random generator,
+    /// write `/run/e2b`, forward ports. True as PID 1 or with `--manage-system`; false when
+    /// envd runs on a host (tests), which it must leave alone.
+    pub manage_system: bool,
+    /// envd owns the cgroup tree below [`crate::system::cgroups::ROOT`] and may put the
+    /// processes it starts there. True as PID 1 or with `--manage-cgroups`.
+    pub manage_cgroups: bool,
 }
 
 impl Shared {

@@ -67,7 +67,7 @@ pub(super) async fn init(
     if let Some(stamp) = request.timestamp.as_deref() {
         match humantime::parse_rfc3339_weak(stamp.trim_end_matches('Z')) {
             Ok(now) => {
-                if let Err(error) = system::clock::set_if_skewed(now) {
+                if let Err(error) = system::clock::set_if_skewed(&shared.settings(), now) {
                     tracing::warn!(%error, "could not set the clock from /init");
                 }
             }
@@ -80,7 +80,7 @@ pub(super) async fn init(
         }
     }
     // A restored sandbox must not replay the random stream of its snapshot's other clones.
-    if let Err(error) = system::entropy::reseed() {
+    if let Err(error) = system::entropy::reseed(&shared.settings()) {
         tracing::warn!(%error, "could not reseed the random generator");
     }
     shared.update(|settings| {
@@ -104,6 +104,7 @@ pub(super) async fn init(
         }
     });
     let settings = shared.settings();
+    system::metadata::publish(&settings);
     tracing::info!(
         sandbox_id = settings.sandbox_id.as_deref().unwrap_or(""),
         default_user = %settings.default_user,
