@@ -3,6 +3,7 @@
 pub mod files;
 mod init;
 mod metrics;
+pub mod signing;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
