@@ -29,6 +29,9 @@ pub struct Settings {
     pub sandbox_id: Option<String>,
     /// The template the sandbox was made from, when the host said it.
     pub template_id: Option<String>,
+    /// Whether envd owns the cgroup2 tree (PID 1 in a sandbox) and so puts each started
+    /// process in its own cgroup; false on a host whose tree belongs to someone else.
+    pub manage_cgroups: bool,
 }
 
 impl Shared {
