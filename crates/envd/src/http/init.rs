@@ -28,6 +28,8 @@ struct InitRequest {
     default_workdir: Option<String>,
     sandbox_id: Option<String>,
     template_id: Option<String>,
+    /// Limits for all user processes together (written to their parent cgroup).
+    process_limits: Option<crate::process::ProcessLimits>,
 }
 
 pub(super) async fn init(
@@ -78,6 +80,20 @@ pub(super) async fn init(
                 );
             }
         }
+    }
+    if let Some(limits) = &request.process_limits
+        && let Err(error) = crate::process::apply_limits(&shared, limits)
+    {
+        let status = match error {
+            crate::process::CgroupError::InvalidLimit { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match std::error::Error::source(&error) {
+            Some(source) => format!("processLimits: {error}: {source}"),
+            None => format!("processLimits: {error}"),
+        };
+        tracing::error!(%message, "applying the process limits failed");
+        return json_error(status, message);
     }
     // A restored sandbox must not replay the random stream of its snapshot's other clones.
     if let Err(error) = system::entropy::reseed(&shared.settings()) {
