@@ -8,6 +8,9 @@
 //! and time, memory of lazy clones) against QEMU's migration to a file (see
 //! `bench_snapshot.rs`).
 //!
+//! `envd`: envd's exec round trip, stdout streaming and `/files` throughput against doing the
+//! same directly on the host (see `bench_envd.rs`).
+//!
 //! `guest`: the foundation's baselines: kernel and image build times and sizes (as recorded
 //! when they were built, or rebuilt now with `--rebuild`), the host VM's boot to a running
 //! command, and our guest's boot to its ready marker under QEMU microvm on the host VM's KVM,
@@ -27,9 +30,10 @@ use wrenn_image::guest;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmark to run: `guest`, `vmm` or `snapshot`.
+    /// Benchmark to run: `guest`, `vmm`, `snapshot` or `envd`.
     name: String,
-    /// Samples per measurement (default: 5 for `guest`, 10 for `vmm` and `snapshot`).
+    /// Samples per measurement (default: 5 for `guest`, 10 for `vmm` and `snapshot`; for `envd`
+    /// the throughput rounds, default 3).
     #[arg(long)]
     runs: Option<usize>,
     /// Rebuild the kernel and images first, so their build times are measured now.
@@ -48,7 +52,8 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
         "vmm" => crate::bench_vmm::outer(cache, args.runs),
         "snapshot" if args.inner => crate::bench_snapshot::inner(cache, args.runs),
         "snapshot" => crate::bench_snapshot::outer(cache, args.runs),
-        other => bail!("unknown benchmark {other:?}; available: guest, vmm, snapshot"),
+        "envd" => crate::bench_envd::run(args.runs),
+        other => bail!("unknown benchmark {other:?}; available: guest, vmm, snapshot, envd"),
     }
 }
 

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_envd;
 mod bench_snapshot;
 mod bench_vmm;
 mod hostvm;
