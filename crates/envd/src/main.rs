@@ -152,6 +152,8 @@ fn serve(args: &Args, cmdline: &KernelCmdline, pid1: bool) -> anyhow::Result<()>
             portforward::spawn(external, vec![args.port]);
         }
         eprintln!("envd: ready");
-        axum::serve(listener, app).await.context("serving over TCP")
+        wrenn_envd::server::serve_tcp(listener, app)
+            .await
+            .context("serving over TCP")
     })
 }

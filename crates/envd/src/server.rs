@@ -1,9 +1,9 @@
 //! The one app envd serves: the Connect services and the plain endpoints behind the token
 //! check and E2B's CORS rules, on TCP (and on vsock, see [`crate::system`]).
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use connectrpc::{ConnectRpcService, Limits};
 use http::{HeaderName, Method};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
@@ -61,9 +61,17 @@ fn cors() -> CorsLayer {
         .max_age(Duration::from_secs(2 * 60 * 60))
 }
 
-/// Serves `app` on a TCP address until the process ends.
-pub async fn serve_tcp(address: SocketAddr, app: axum::Router) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "envd listening");
+/// Serves `app` on a bound TCP listener until the process ends. Responses go out as several
+/// small writes (a stream's events, its end envelope): without `TCP_NODELAY` each would wait
+/// for the client's delayed ACK, ~40 ms per exec round trip.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, app).await
 }
