@@ -30,7 +30,7 @@ use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::json_error;
@@ -43,6 +43,8 @@ use crate::users::{User, UserError};
 
 /// The size of the pieces files are read and written in.
 const CHUNK: usize = 64 * 1024;
+/// Received pieces waiting for the disk during an upload (each up to a few hundred KiB).
+const UPLOAD_QUEUE: usize = 16;
 
 /// The `/files` routes.
 pub fn routes() -> axum::Router<Arc<Shared>> {
@@ -701,24 +703,42 @@ async fn write_file(
     let (file, temp) = run_as(user, move || create_temp(&target, &pairs))
         .await?
         .map_err(|error| write_error(user, destination, &error))?;
-    let mut file = tokio::fs::File::from_std(file);
-
-    let copied: Result<(), FilesError> = async {
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|error| {
-                FilesError::bad_request(format!("error reading the upload body: {error}"))
-            })?;
-            // Hyper hands out at most a few hundred KiB at once; write in CHUNK pieces anyway.
-            for piece in chunk.chunks(CHUNK) {
-                file.write_all(piece)
-                    .await
-                    .map_err(|error| write_error(user, destination, &error))?;
-            }
+    // The disk writes happen on a blocking thread fed through a short queue, so receiving the
+    // next piece overlaps with writing the last one (tokio's File would wait for each write).
+    let (pieces, mut queue) = tokio::sync::mpsc::channel::<Bytes>(UPLOAD_QUEUE);
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        use std::io::Write as _;
+        let mut file = file;
+        while let Some(piece) = queue.blocking_recv() {
+            file.write_all(&piece)?;
         }
         file.flush()
+    });
+
+    let copied: Result<(), FilesError> = async {
+        let mut received: Result<(), FilesError> = Ok(());
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    // A closed queue means the writer failed; its error is reported below.
+                    if pieces.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    received = Err(FilesError::bad_request(format!(
+                        "error reading the upload body: {error}"
+                    )));
+                    break;
+                }
+            }
+        }
+        drop(pieces);
+        let written = writer
             .await
-            .map_err(|error| write_error(user, destination, &error))?;
-        drop(file);
+            .map_err(|error| FilesError::internal(format!("the upload writer failed: {error}")))?;
+        received?;
+        written.map_err(|error| write_error(user, destination, &error))?;
         let (from, to) = (temp.clone(), destination.to_path_buf());
         run_as(user, move || std::fs::rename(&from, &to))
             .await?
