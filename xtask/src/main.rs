@@ -1,6 +1,7 @@
 //! Developer and CI entry points for Wrenn:
 //!
-//! - `cargo xtask guest`: build (or reuse from the cache) the guest kernel and images;
+//! - `cargo xtask guest`: build the static envd, then build (or reuse from the cache) the guest
+//!   kernel and images that hold it;
 //! - `cargo xtask hostvm -- CMD...`: run CMD where a usable KVM exists;
 //! - `cargo xtask test`: the whole test suite (host tests here, VM tests through `hostvm`);
 //! - `cargo xtask bench NAME`: benchmarks, printed as `BENCH` lines and one `RESULT` line.
@@ -17,9 +18,10 @@ mod test;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use wrenn_image::cache::Cache;
+use wrenn_image::envd::{self, Envd};
 use wrenn_image::guest::{self, Part};
 
 #[derive(Debug, Parser)]
@@ -70,17 +72,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// The envd the images hold: `WRENN_ENVD` if set, else the workspace's envd built static
+/// (`cargo build --release --target x86_64-unknown-linux-gnu` with `+crt-static`, in
+/// `target/envd-static`). Returns the checked binary; its path is `.path`.
+pub fn static_envd() -> Result<Envd> {
+    envd::ensure().context("building the static envd for the guest images")
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let cache = Cache::from_env();
     match cli.command {
         Task::Guest { only, rebuild } => {
-            let built = guest::build(&cache, &only, rebuild)?;
+            let envd = guest::wants_image(&only).then(static_envd).transpose()?;
+            let built = guest::build_with(&cache, &only, rebuild, envd.as_ref())?;
             print!("{}", built.summary());
             Ok(ExitCode::SUCCESS)
         }
         Task::Hostvm(args) => hostvm::run(&cache, args),
         Task::Test(args) => test::run(&cache, args),
-        Task::Bench(args) => bench::run(&cache, args),
+        Task::Bench(args) => {
+            // The benchmarks build and find images with the envd at its usual place.
+            static_envd()?;
+            bench::run(&cache, args)
+        }
         Task::RunTests(args) => test::run_manifest(args),
     }
 }

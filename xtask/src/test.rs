@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole suite.
 //!
-//! 1. Builds (or reuses) the guest kernel and images, which the VM tests boot.
+//! 1. Builds the static envd, then builds (or reuses) the guest kernel and the images holding
+//!    it, which the VM tests boot.
 //! 2. Compiles every test target once, on the host.
 //! 3. Runs the host tests here: every test binary except those whose target name starts with
 //!    `vm_`.
@@ -103,7 +104,9 @@ impl Tally {
 }
 
 pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
-    guest::build(cache, &[], false).context("building the guest kernel and images")?;
+    let envd = crate::static_envd()?;
+    guest::build_with(cache, &[], false, Some(&envd))
+        .context("building the guest kernel and images")?;
     let binaries = compile_tests()?;
     let (vm, host): (Vec<_>, Vec<_>) = binaries
         .into_iter()

@@ -2,7 +2,8 @@
 //!
 //! - `wrenn up`: build (or reuse) the guest, start the host VM where this machine's KVM cannot
 //!   run Linux guests, check the KVM there by booting a guest, and stay up until Ctrl-C.
-//! - `wrenn guest build|show`: the guest kernel and images.
+//! - `wrenn guest build|show`: the guest kernel and images (which hold envd: `WRENN_ENVD`, or
+//!   built static from the workspace).
 //! - `wrenn hostvm -- CMD...`: run CMD where a usable KVM exists.
 //! - `wrenn kvm-check`: say whether this machine's /dev/kvm can run Linux guests.
 
@@ -108,7 +109,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Up(args) => up::run(&cache, args),
         Command::Guest(GuestCommand::Build { only, rebuild }) => {
-            print!("{}", guest::build(&cache, &only, rebuild)?.summary());
+            let envd = guest::wants_image(&only)
+                .then(wrenn_image::envd::ensure)
+                .transpose()?;
+            print!(
+                "{}",
+                guest::build_with(&cache, &only, rebuild, envd.as_ref())?.summary()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Guest(GuestCommand::Show { only }) => {

@@ -1,6 +1,6 @@
 //! `wrenn up`: everything Wrenn needs on this machine, started and checked.
 //!
-//! Today that is the guest (kernel and images, built or reused) and a usable KVM: directly, or
+//! Today that is the guest (envd, kernel and images, built or reused) and a usable KVM: directly, or
 //! inside the host VM, where the rest of Wrenn (the host agent, then the control plane) will run
 //! as it lands. Once up, it stays up until Ctrl-C.
 
@@ -28,7 +28,10 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
     if args.inside {
         return inside(cache, args.check);
     }
-    let built = guest::build(cache, &[], false).context("building the guest")?;
+    // envd goes into the images: `WRENN_ENVD`, or the workspace's envd built static. The part
+    // that runs where the KVM is finds the same binary the same way.
+    let envd = wrenn_image::envd::ensure().context("building the static envd")?;
+    let built = guest::build_with(cache, &[], false, Some(&envd)).context("building the guest")?;
     wrenn_image::packages::ensure(wrenn_image::qemu::PACKAGES)?;
     print!("{}", built.summary());
     let decision = wrenn_hostvm::decide()?;

@@ -1,6 +1,8 @@
-//! Everything a guest needs, built together: the kernel and both root filesystem images.
+//! Everything a guest needs, built together: the kernel and both root filesystem images (which
+//! hold the static envd).
 
 use crate::cache::{Cache, CacheError, Entry};
+use crate::envd::{self, Envd, EnvdError};
 use crate::kernel::{self, KernelError};
 use crate::packages::{self, PackagesError};
 use crate::rootfs::{self, ImageKind, RootfsError};
@@ -38,6 +40,8 @@ pub enum GuestError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Envd(#[from] EnvdError),
 }
 
 /// Every system package that building the guest needs.
@@ -55,8 +59,30 @@ pub struct Guest {
     pub base: Option<Entry>,
 }
 
-/// Builds the requested parts (all when `only` is empty); `rebuild` discards cached ones first.
+/// Whether `only` (all when empty) asks for an image, which needs envd.
+pub fn wants_image(only: &[Part]) -> bool {
+    only.is_empty() || only.contains(&Part::Test) || only.contains(&Part::Base)
+}
+
+/// Builds the requested parts (all when `only` is empty) with the envd that
+/// [`envd::locate`] finds; `rebuild` discards cached ones first.
 pub fn build(cache: &Cache, only: &[Part], rebuild: bool) -> Result<Guest, GuestError> {
+    let envd = if wants_image(only) {
+        Some(envd::locate()?)
+    } else {
+        None
+    };
+    build_with(cache, only, rebuild, envd.as_ref())
+}
+
+/// Builds the requested parts (all when `only` is empty), the images holding `envd` (needed
+/// when an image is asked for); `rebuild` discards cached ones first.
+pub fn build_with(
+    cache: &Cache,
+    only: &[Part],
+    rebuild: bool,
+    envd: Option<&Envd>,
+) -> Result<Guest, GuestError> {
     packages::ensure(&build_packages())?;
     let wanted = |p: Part| only.is_empty() || only.contains(&p);
     let mut guest = Guest::default();
@@ -73,10 +99,14 @@ pub fn build(cache: &Cache, only: &[Part], rebuild: bool) -> Result<Guest, Guest
         if !wanted(part) {
             continue;
         }
+        let envd = match envd {
+            Some(envd) => envd,
+            None => &envd::locate()?,
+        };
         if rebuild {
-            rootfs::remove(cache, kind)?;
+            rootfs::remove(cache, kind, envd)?;
         }
-        let entry = rootfs::build(cache, kind)?;
+        let entry = rootfs::build(cache, kind, envd)?;
         match kind {
             ImageKind::Test => guest.test = Some(entry),
             ImageKind::Base => guest.base = Some(entry),
@@ -85,19 +115,27 @@ pub fn build(cache: &Cache, only: &[Part], rebuild: bool) -> Result<Guest, Guest
     Ok(guest)
 }
 
-/// Finds the already built parts (all when `only` is empty) without building anything.
+/// Finds the already built parts (all when `only` is empty) without building anything; the
+/// images are those holding the envd that [`envd::locate`] finds.
 pub fn find(cache: &Cache, only: &[Part]) -> Result<Guest, GuestError> {
     let wanted = |p: Part| only.is_empty() || only.contains(&p);
+    let envd = if wants_image(only) {
+        Some(envd::locate()?)
+    } else {
+        None
+    };
+    let image = |part: Part, kind: ImageKind| -> Result<Option<Entry>, GuestError> {
+        match &envd {
+            Some(envd) if wanted(part) => Ok(Some(rootfs::find_with(cache, kind, envd)?)),
+            _ => Ok(None),
+        }
+    };
     Ok(Guest {
         kernel: wanted(Part::Kernel)
             .then(|| kernel::find(cache))
             .transpose()?,
-        test: wanted(Part::Test)
-            .then(|| rootfs::find(cache, ImageKind::Test))
-            .transpose()?,
-        base: wanted(Part::Base)
-            .then(|| rootfs::find(cache, ImageKind::Base))
-            .transpose()?,
+        test: image(Part::Test, ImageKind::Test)?,
+        base: image(Part::Base, ImageKind::Base)?,
     })
 }
 
@@ -124,7 +162,7 @@ impl Guest {
         for (name, entry) in [("test", &self.test), ("base", &self.base)] {
             if let Some(e) = entry {
                 out.push_str(&format!(
-                    "{name:<6}  {}  {} MiB ({} MiB allocated), built in {:.0} s\n",
+                    "{name:<6}  {}  {} MiB ({} MiB allocated), envd {}, built in {:.0} s\n",
                     e.file(rootfs::IMAGE_FILE).display(),
                     e.manifest
                         .notes
@@ -134,6 +172,10 @@ impl Guest {
                         .notes
                         .get("allocated_mib")
                         .map_or("?", String::as_str),
+                    e.manifest
+                        .notes
+                        .get("envd_sha256")
+                        .map_or("?", |h| h.get(..12).unwrap_or(h)),
                     e.manifest.build_seconds,
                 ));
             }

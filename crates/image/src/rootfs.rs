@@ -5,7 +5,12 @@
 //! - `base`: Debian bookworm (debootstrap, minbase) with the packages in
 //!   `guest/rootfs/base.packages`, a user `user` (uid 1000, passwordless sudo) and the same init.
 //!
-//! Both boot with `init=/sbin/wrenn-init` (see that script for its command-line protocol).
+//! Both hold the static envd at `/usr/bin/envd` (see [`crate::envd`]). Each image is built in
+//! two cached stages: the operating system (`rootfs-<kind>-os`, keyed by the recipe), then a
+//! sparse copy of it with envd written in by `debugfs` (`rootfs-<kind>`, keyed by the first
+//! stage's key and envd's content hash). A new envd thus makes new images in seconds, without
+//! a new debootstrap. Both boot with `init=/sbin/wrenn-init` (see that script for its
+//! command-line protocol), or with `init=/usr/bin/envd` to run envd as PID 1.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,10 +21,11 @@ use std::process::Command;
 use crate::cache::{self, Cache, CacheError, Entry};
 use crate::command::{self, CommandError};
 use crate::disk::{self, SpaceError};
+use crate::envd::{self, Envd, EnvdError};
 use crate::packages::{self, PackagesError};
 use crate::progress::Step;
 
-/// The guest's PID 1 until envd exists.
+/// The images' default PID 1 (tests rely on its protocol); envd can take its place.
 pub const INIT_SCRIPT: &str = include_str!("../../../guest/rootfs/wrenn-init");
 /// Extra packages of the base image.
 pub const BASE_PACKAGES: &str = include_str!("../../../guest/rootfs/base.packages");
@@ -65,6 +71,11 @@ impl ImageKind {
     fn cache_kind(self) -> String {
         format!("rootfs-{}", self.name())
     }
+
+    /// The first stage: the image without envd.
+    fn os_cache_kind(self) -> String {
+        format!("rootfs-{}-os", self.name())
+    }
 }
 
 impl std::str::FromStr for ImageKind {
@@ -87,12 +98,16 @@ pub enum RootfsError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Space(#[from] SpaceError),
+    #[error(transparent)]
+    Envd(#[from] EnvdError),
     #[error("{image} image build step failed")]
     Step {
         image: &'static str,
         #[source]
         source: CommandError,
     },
+    #[error("envd was not written into {image}: {reason}")]
+    Inject { image: PathBuf, reason: String },
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -129,8 +144,8 @@ pub fn base_packages() -> Vec<&'static str> {
         .collect()
 }
 
-/// The cache key of an image built from the current recipe.
-pub fn cache_key(kind: ImageKind) -> Result<String, RootfsError> {
+/// The cache key of the first stage (the image without envd) built from the current recipe.
+pub fn os_cache_key(kind: ImageKind) -> Result<String, RootfsError> {
     let key = match kind {
         ImageKind::Test => {
             let busybox = package_version("busybox-static").map_err(step_err(kind))?;
@@ -151,26 +166,142 @@ pub fn cache_key(kind: ImageKind) -> Result<String, RootfsError> {
     Ok(key)
 }
 
-/// The cached image, or an error saying how to build it.
+/// The cache key of an image built from the current recipe and `envd`.
+pub fn cache_key(kind: ImageKind, envd: &Envd) -> Result<String, RootfsError> {
+    Ok(cache::key_of(&[
+        os_cache_key(kind)?.as_bytes(),
+        envd.sha256.as_bytes(),
+        INJECT_RECIPE_VERSION.as_bytes(),
+    ]))
+}
+
+/// The cached image holding the envd that [`envd::locate`] finds (the last static build, or
+/// `WRENN_ENVD`), or an error saying how to build it.
 pub fn find(cache: &Cache, kind: ImageKind) -> Result<Entry, RootfsError> {
-    Ok(cache.get(&kind.cache_kind(), &cache_key(kind)?)?)
+    find_with(cache, kind, &envd::locate()?)
 }
 
-/// Discards the cached image built from the current recipe, if any.
-pub fn remove(cache: &Cache, kind: ImageKind) -> Result<(), RootfsError> {
-    Ok(cache.remove(&kind.cache_kind(), &cache_key(kind)?)?)
+/// The cached image holding `envd`, or an error saying how to build it.
+pub fn find_with(cache: &Cache, kind: ImageKind, envd: &Envd) -> Result<Entry, RootfsError> {
+    Ok(cache.get(&kind.cache_kind(), &cache_key(kind, envd)?)?)
 }
 
-/// Returns the cached image, building it first if needed. The entry holds [`IMAGE_FILE`].
-pub fn build(cache: &Cache, kind: ImageKind) -> Result<Entry, RootfsError> {
+/// Discards the cached image built from the current recipe and `envd`, and its first stage.
+pub fn remove(cache: &Cache, kind: ImageKind, envd: &Envd) -> Result<(), RootfsError> {
+    cache.remove(&kind.cache_kind(), &cache_key(kind, envd)?)?;
+    Ok(cache.remove(&kind.os_cache_kind(), &os_cache_key(kind)?)?)
+}
+
+/// Returns the cached image holding `envd`, building it (and its first stage) first if
+/// needed. The entry holds [`IMAGE_FILE`].
+pub fn build(cache: &Cache, kind: ImageKind, envd: &Envd) -> Result<Entry, RootfsError> {
     packages::ensure(BUILD_PACKAGES)?;
-    let key = cache_key(kind)?;
+    let key = cache_key(kind, envd)?;
+    if let Some(entry) = cache.lookup(&kind.cache_kind(), &key)? {
+        return Ok(entry);
+    }
+    let os = build_os(cache, kind)?;
     cache.get_or_build(&kind.cache_kind(), &key, |staging| {
+        let step = Step::start(format!("adding envd to the {} image", kind.name()));
+        let image = staging.join(IMAGE_FILE);
+        // Sparse: the base image is mostly holes.
+        command::run(
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(os.file(IMAGE_FILE))
+                .arg(&image),
+        )
+        .map_err(step_err(kind))?;
+        inject_envd(&image, envd)?;
+        let mut notes = os.manifest.notes.clone();
+        let allocated = allocated_bytes(&image)?;
+        notes.insert("allocated_mib".into(), (allocated >> 20).to_string());
+        notes.insert("envd_sha256".into(), envd.sha256.clone());
+        notes.insert(
+            "os_build_seconds".into(),
+            format!("{:.0}", os.manifest.build_seconds),
+        );
+        step.finish(&format!("{GUEST_ENVD} ({} MiB allocated)", allocated >> 20));
+        Ok(notes)
+    })
+}
+
+/// The first stage of `kind`: the image without envd, built if needed.
+fn build_os(cache: &Cache, kind: ImageKind) -> Result<Entry, RootfsError> {
+    let key = os_cache_key(kind)?;
+    cache.get_or_build(&kind.os_cache_kind(), &key, |staging| {
         let tree = cache.work_dir(&format!("rootfs-{}-{}", kind.name(), std::process::id()))?;
         let result = build_into(cache, kind, &tree, staging);
         let _ = fs::remove_dir_all(&tree);
         result
     })
+}
+
+/// Where envd goes, and the directory `debugfs` works in (it links names into its cwd).
+const GUEST_ENVD: &str = envd::GUEST_PATH;
+const GUEST_ENVD_DIR: &str = "/usr/bin";
+const GUEST_ENVD_NAME: &str = "envd";
+/// Bumped when the way envd is written into an image changes.
+const INJECT_RECIPE_VERSION: &str = "1";
+
+/// Writes `envd` into the ext4 file `image` at [`envd::GUEST_PATH`], root-owned, mode 0755,
+/// replacing whatever was there, and checks the result by reading it back.
+fn inject_envd(image: &Path, envd: &Envd) -> Result<(), RootfsError> {
+    let source = envd.path.to_string_lossy();
+    // debugfs splits its request on white space and quotes.
+    if source.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') {
+        return Err(RootfsError::Inject {
+            image: image.to_owned(),
+            reason: format!("the path {source:?} has spaces or quotes; set WRENN_ENVD to a copy"),
+        });
+    }
+    // `rm` of a missing name is reported and skipped; debugfs goes on either way, so the
+    // result is checked below rather than trusted from its exit status.
+    let requests = format!(
+        "cd {GUEST_ENVD_DIR}\n\
+         rm {GUEST_ENVD_NAME}\n\
+         write {source} {GUEST_ENVD_NAME}\n\
+         sif {GUEST_ENVD_NAME} mode 0100755\n\
+         sif {GUEST_ENVD_NAME} uid 0\n\
+         sif {GUEST_ENVD_NAME} gid 0\n"
+    );
+    let script = image.with_extension("debugfs");
+    fs::write(&script, requests).map_err(io_err(&script))?;
+    let written = command::run(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&script)
+            .arg(image),
+    );
+    let _ = fs::remove_file(&script);
+    written.map_err(|source| RootfsError::Inject {
+        image: image.to_owned(),
+        reason: source.to_string(),
+    })?;
+    let size = fs::metadata(&envd.path).map_err(io_err(&envd.path))?.len();
+    let stat = command::run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("stat {GUEST_ENVD}"))
+            .arg(image),
+    )
+    .map_err(|source| RootfsError::Inject {
+        image: image.to_owned(),
+        reason: source.to_string(),
+    })?;
+    let expected = [
+        "Type: regular    Mode:  0755".to_owned(),
+        "User:     0   Group:     0".to_owned(),
+        format!("Size: {size}\n"),
+    ];
+    if let Some(missing) = expected.iter().find(|want| !stat.contains(want.as_str())) {
+        return Err(RootfsError::Inject {
+            image: image.to_owned(),
+            reason: format!("{GUEST_ENVD} lacks {missing:?} after writing:\n{stat}"),
+        });
+    }
+    Ok(())
 }
 
 fn build_into(
@@ -345,6 +476,134 @@ mod tests {
             assert!(pkgs.contains(&p), "{p} missing from base.packages");
         }
         assert!(pkgs.iter().all(|p| !p.contains(' ') && !p.contains('#')));
+    }
+
+    /// A static binary standing in for envd (busybox-static is one of the build packages).
+    fn stand_in_envd() -> Envd {
+        packages::ensure(BUILD_PACKAGES).unwrap();
+        Envd::open(Path::new("/bin/busybox")).unwrap()
+    }
+
+    #[test]
+    fn test_cache_key_changes_with_envd_content() {
+        let busybox = stand_in_envd();
+        let other = Envd {
+            sha256: "0".repeat(64),
+            ..busybox.clone()
+        };
+        for kind in ImageKind::ALL {
+            let a = cache_key(kind, &busybox).unwrap();
+            assert_eq!(a, cache_key(kind, &busybox).unwrap());
+            assert_ne!(a, cache_key(kind, &other).unwrap(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn test_inject_envd_replaces_an_existing_file_and_keeps_the_rest() {
+        let envd = stand_in_envd();
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("usr/bin")).unwrap();
+        write_file(&tree, "usr/bin/envd", "old envd", 0o600).unwrap();
+        write_file(&tree, "usr/bin/other", "other", 0o644).unwrap();
+        let image = dir.path().join("img.ext4");
+        command::run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+                .arg(&tree)
+                .arg(&image)
+                .arg("16M"),
+        )
+        .unwrap();
+        inject_envd(&image, &envd).unwrap();
+        let listing = command::run(
+            Command::new("debugfs")
+                .args(["-R", "ls -l /usr/bin"])
+                .arg(&image),
+        )
+        .unwrap();
+        assert_eq!(listing.matches(" envd").count(), 1, "{listing}");
+        assert!(listing.contains(" other"), "{listing}");
+        let out = dir.path().join("envd.out");
+        command::run(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("dump /usr/bin/envd {}", out.display()))
+                .arg(&image),
+        )
+        .unwrap();
+        assert_eq!(cache::sha256_file(&out).unwrap(), envd.sha256);
+    }
+
+    #[test]
+    fn test_inject_envd_without_usr_bin_fails_clearly() {
+        let envd = stand_in_envd();
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(&tree).unwrap();
+        let image = dir.path().join("img.ext4");
+        command::run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-d"])
+                .arg(&tree)
+                .arg(&image)
+                .arg("8M"),
+        )
+        .unwrap();
+        let err = inject_envd(&image, &envd).unwrap_err();
+        assert!(err.to_string().contains("/usr/bin/envd lacks"), "{err}");
+    }
+
+    #[test]
+    fn test_test_image_holds_envd_at_usr_bin_mode_0755() {
+        let envd = stand_in_envd();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        let entry = build(&cache, ImageKind::Test, &envd).unwrap();
+        assert_eq!(entry.manifest.notes["envd_sha256"], envd.sha256);
+        let image = entry.file(IMAGE_FILE);
+        // Read the file system itself, as the guest will see it.
+        let stat = command::run(
+            Command::new("debugfs")
+                .args(["-R", "stat /usr/bin/envd"])
+                .arg(&image),
+        )
+        .unwrap();
+        assert!(stat.contains("Mode:  0755"), "{stat}");
+        assert!(stat.contains("User:     0   Group:     0"), "{stat}");
+        let out = dir.path().join("envd.out");
+        command::run(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("dump /usr/bin/envd {}", out.display()))
+                .arg(&image),
+        )
+        .unwrap();
+        assert_eq!(cache::sha256_file(&out).unwrap(), envd.sha256);
+        // The same envd finds the same entry; another envd does not.
+        assert_eq!(
+            find_with(&cache, ImageKind::Test, &envd).unwrap().dir,
+            entry.dir
+        );
+        let other = Envd {
+            sha256: "0".repeat(64),
+            ..envd
+        };
+        assert!(find_with(&cache, ImageKind::Test, &other).is_err());
+        // The first stage is kept apart, without envd.
+        let os = cache
+            .get(
+                &ImageKind::Test.os_cache_kind(),
+                &os_cache_key(ImageKind::Test).unwrap(),
+            )
+            .unwrap();
+        let stat = command::run(
+            Command::new("debugfs")
+                .args(["-R", "stat /usr/bin/envd"])
+                .arg(os.file(IMAGE_FILE)),
+        )
+        .unwrap_or_default();
+        assert!(!stat.contains("Mode:"), "{stat}");
     }
 
     #[test]
