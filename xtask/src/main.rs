@@ -4,7 +4,8 @@
 //!   kernel and images that hold it;
 //! - `cargo xtask hostvm -- CMD...`: run CMD where a usable KVM exists;
 //! - `cargo xtask test`: the whole test suite (host tests here, VM tests through `hostvm`);
-//! - `cargo xtask bench NAME`: benchmarks, printed as `BENCH` lines and one `RESULT` line.
+//! - `cargo xtask bench NAME`: benchmarks, printed as `BENCH` lines and one `RESULT` line;
+//! - `cargo xtask proto`: regenerate envd's descriptor set after a `.proto` change.
 
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,7 @@ mod bench_envd;
 mod bench_snapshot;
 mod bench_vmm;
 mod hostvm;
+mod proto;
 mod test;
 
 use std::io::IsTerminal;
@@ -48,6 +50,8 @@ enum Task {
     Test(test::Args),
     /// Run a benchmark.
     Bench(bench::Args),
+    /// Regenerate crates/proto/proto/descriptor.bin from the .proto files.
+    Proto,
     /// Run prebuilt test binaries listed in a manifest (used inside the host VM).
     #[command(hide = true)]
     RunTests(test::RunArgs),
@@ -96,5 +100,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bench::run(&cache, args)
         }
         Task::RunTests(args) => test::run_manifest(args),
+        Task::Proto => proto::run().map(|()| ExitCode::SUCCESS),
     }
 }

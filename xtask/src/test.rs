@@ -104,6 +104,8 @@ impl Tally {
 }
 
 pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
+    // `protoc` checks that envd's checked-in descriptor set matches its .proto files.
+    wrenn_image::packages::ensure(crate::proto::PACKAGES)?;
     let envd = crate::static_envd()?;
     guest::build_with(cache, &[], false, Some(&envd))
         .context("building the guest kernel and images")?;
