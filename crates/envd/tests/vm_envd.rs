@@ -422,7 +422,13 @@ fn test_envd_as_pid1_serves_over_vsock_and_runs_a_process() {
     assert_eq!(reply.status, 204, "{reply:?}\n{}", vm.report());
 
     // A process, through the Connect streaming protocol with the JSON codec.
-    let request = json!({"process": {"cmd": "/bin/sh", "args": ["-c", "echo hello; id -u"]}});
+    // Besides running: the process sits in its own cgroup, is not OOM-protected like envd,
+    // the hostname and /run/e2b come from the command line, and an orphan (the `sleep` whose
+    // parent exits at once) is reaped by PID 1 rather than left a zombie.
+    let script = "echo hello; id -u; cat /proc/self/cgroup; hostname; \
+                  cat /run/e2b/.E2B_SANDBOX_ID; echo; cat /proc/self/oom_score_adj; \
+                  (sleep 0.2 &); sleep 1; grep -l '^State:.*Z' /proc/[0-9]*/status | wc -l";
+    let request = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}});
     let start = |token: Option<&str>| {
         let mut headers = vec![
             ("content-type", "application/connect+json"),
@@ -480,7 +486,16 @@ fn test_envd_as_pid1_serves_over_vsock_and_runs_a_process() {
             );
         }
     }
-    assert_eq!(String::from_utf8_lossy(&stdout), "hello\n0\n", "{events:?}");
+    let stdout = String::from_utf8_lossy(&stdout);
+    let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
+    assert_eq!(lines.len(), 7, "{stdout}\n{events:?}");
+    assert_eq!(lines[..2], ["hello", "0"], "{stdout}");
+    assert!(
+        lines[2].starts_with("0::/wrenn/processes/"),
+        "own cgroup: {stdout}"
+    );
+    assert_eq!(lines[3..6], ["wrenn", "vm-envd-test", "100"], "{stdout}");
+    assert_eq!(lines[6], "0", "zombies left: {stdout}");
     let end = &events.last().unwrap()["end"];
     assert_eq!(end["exited"], true, "{events:?}");
     assert_eq!(end["exitCode"].as_i64().unwrap_or(0), 0, "{events:?}");
