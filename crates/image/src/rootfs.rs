@@ -524,15 +524,20 @@ mod tests {
         .unwrap();
         assert_eq!(listing.matches(" envd").count(), 1, "{listing}");
         assert!(listing.contains(" other"), "{listing}");
-        let out = dir.path().join("envd.out");
+        assert_eq!(envd_sha256_in(&image, dir.path()), envd.sha256);
+    }
+
+    /// The SHA-256 of `/usr/bin/envd` as the file system `image` holds it (read by debugfs).
+    fn envd_sha256_in(image: &Path, scratch: &Path) -> String {
+        let out = scratch.join("envd.out");
         command::run(
             Command::new("debugfs")
                 .arg("-R")
                 .arg(format!("dump /usr/bin/envd {}", out.display()))
-                .arg(&image),
+                .arg(image),
         )
         .unwrap();
-        assert_eq!(cache::sha256_file(&out).unwrap(), envd.sha256);
+        cache::sha256_file(&out).unwrap()
     }
 
     #[test]
@@ -571,15 +576,7 @@ mod tests {
         .unwrap();
         assert!(stat.contains("Mode:  0755"), "{stat}");
         assert!(stat.contains("User:     0   Group:     0"), "{stat}");
-        let out = dir.path().join("envd.out");
-        command::run(
-            Command::new("debugfs")
-                .arg("-R")
-                .arg(format!("dump /usr/bin/envd {}", out.display()))
-                .arg(&image),
-        )
-        .unwrap();
-        assert_eq!(cache::sha256_file(&out).unwrap(), envd.sha256);
+        assert_eq!(envd_sha256_in(&image, dir.path()), envd.sha256);
         // The same envd finds the same entry; another envd does not.
         assert_eq!(
             find_with(&cache, ImageKind::Test, &envd).unwrap().dir,
