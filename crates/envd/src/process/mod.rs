@@ -4,7 +4,7 @@
 //!
 //! - [`spawn`]: starting a process and the task that owns it until it ends.
 //! - [`output`]: each process's bounded output log, replayed to every stream.
-//! - [`table`]: running and recently ended processes; [`is_tracked`] for the PID-1 reaper.
+//! - [`table`]: running and recently ended processes.
 //! - [`pty`]: pseudo-terminals; [`cgroup`]: one cgroup v2 per process, and `/init` limits.
 //!
 //! A process belongs to envd, not to the request that started it: when the client goes
@@ -35,7 +35,6 @@ use wrenn_proto::process::{
 };
 
 pub use cgroup::{CgroupError, ProcessLimits};
-pub use table::is_tracked;
 
 use crate::auth;
 use crate::rpc::keepalive_interval;

@@ -29,7 +29,7 @@ use wrenn_proto::process::process_event::data_event::Output;
 use super::cgroup;
 use super::output::{OUTPUT_LIMIT_BYTES, OutputLog};
 use super::pty::Pty;
-use super::table::{self, Input, Record, Table};
+use super::table::{Input, Record, Table};
 use crate::auth::resolve_path;
 use crate::state::Shared;
 use crate::users::User;
@@ -304,8 +304,9 @@ pub fn start(
         command.pre_exec(move || prepare_child(is_pty, procs_file.as_ref(), identity.as_ref()));
     }
 
-    let spawned = table::spawn_tracked(|| {
-        let child = command.spawn()?;
+    // envd reaps its own children (tokio does); as PID 1 the orphan reaper runs in envd's
+    // parent process (`system::pid1`), so it never takes these.
+    let spawned = command.spawn().and_then(|child| {
         let pid = child
             .id()
             .ok_or_else(|| io::Error::other("the child has no pid"))?;
@@ -513,7 +514,6 @@ async fn supervise(
         }
         None => child.wait().await,
     };
-    table::untrack(pid);
     record.mark_exited();
 
     // The readers finish on their own: end of file, or the drain window after this.

@@ -3,7 +3,7 @@
 //!
 //! Also the global set of child pids envd waits for itself ([`is_tracked`]), which the PID-1
 //! reaper consults so it never steals their exit statuses.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,40 +24,6 @@ pub const ENDED_GRACE: Duration = Duration::from_secs(120);
 
 /// At most this many ended processes are kept (the oldest go first).
 pub const ENDED_CAP: usize = 64;
-
-/// Pids of the children envd reaps itself (through tokio). Held while spawning, so a child
-/// that exits at once is already listed when the reaper looks.
-static TRACKED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
-
-fn tracked() -> MutexGuard<'static, BTreeSet<u32>> {
-    TRACKED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Whether `pid` is a child the process service waits for itself. A reaper of orphans (envd
-/// as PID 1) must not reap such a pid: it should find zombies without reaping them
-/// (`waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)`, or scanning `/proc`), and then reap only
-/// the pids for which this returns false, by pid (`waitpid(pid, WNOHANG)`). It blocks while
-/// a spawn is in progress, so a just-forked child is never missed.
-pub fn is_tracked(pid: u32) -> bool {
-    tracked().contains(&pid)
-}
-
-/// Runs `spawn` with the tracked set locked and adds the pid it returns.
-pub(super) fn spawn_tracked<T>(
-    spawn: impl FnOnce() -> std::io::Result<(u32, T)>,
-) -> std::io::Result<(u32, T)> {
-    let mut set = tracked();
-    let (pid, value) = spawn()?;
-    set.insert(pid);
-    Ok((pid, value))
-}
-
-/// Forgets `pid` once it has been reaped.
-pub(super) fn untrack(pid: u32) {
-    tracked().remove(&pid);
-}
 
 /// Where a process's input goes.
 #[derive(Debug)]
@@ -316,13 +282,5 @@ mod tests {
         assert!(table.find(&Selector::Pid(1)).is_none());
         assert!(table.find(&Selector::Pid(total)).is_some());
         assert_eq!(table.lock().len(), ENDED_CAP);
-    }
-
-    #[test]
-    fn test_tracked_pids_come_and_go() {
-        let (pid, ()) = spawn_tracked(|| Ok((4_000_000, ()))).unwrap();
-        assert!(is_tracked(pid));
-        untrack(pid);
-        assert!(!is_tracked(pid));
     }
 }
