@@ -425,7 +425,7 @@ fn envd_peak_rss_kib(port: u16) -> u64 {
 
 #[test]
 fn large_files_stream_through_little_memory() {
-    const SIZE: usize = 64 << 20;
+    const SIZE: usize = 128 << 20;
     let envd = Envd::start();
     let client = envd.client();
     let mut data = vec![0u8; SIZE];
@@ -468,10 +468,10 @@ fn large_files_stream_through_little_memory() {
     assert_eq!(hasher.finalize(), expected);
 
     let peak_kib = envd_peak_rss_kib(envd.port);
-    eprintln!("envd VmHWM after 64 MiB up and down: {peak_kib} KiB");
+    eprintln!("envd VmHWM after 128 MiB up and down: {peak_kib} KiB");
     assert!(
-        peak_kib < 24 * 1024,
-        "envd peaked at {peak_kib} KiB moving a 64 MiB file"
+        peak_kib < 32 * 1024,
+        "envd peaked at {peak_kib} KiB moving a 128 MiB file"
     );
 }
 

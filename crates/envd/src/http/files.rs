@@ -44,7 +44,7 @@ use crate::users::{User, UserError};
 /// The size of the pieces files are read and written in.
 const CHUNK: usize = 64 * 1024;
 /// Received pieces waiting for the disk during an upload (each up to a few hundred KiB).
-const UPLOAD_QUEUE: usize = 16;
+const UPLOAD_QUEUE: usize = 8;
 
 /// The `/files` routes.
 pub fn routes() -> axum::Router<Arc<Shared>> {

@@ -55,6 +55,11 @@ impl Pty {
         }
     }
 
+    /// The master's descriptor (non-blocking).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.master.get_ref())
+    }
+
     /// Writes all of `data` to the terminal (the child reads it as typed input).
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {

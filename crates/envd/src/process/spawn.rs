@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -47,6 +48,9 @@ pub const DRAIN_IDLE: Duration = Duration::from_millis(250);
 /// ... and the latest, after the exit, that reading goes on (a background child that keeps
 /// writing). Only reading is bounded: output already read still waits for a slow starter.
 pub const DRAIN_MAX: Duration = Duration::from_secs(2);
+
+/// Reads of already-written output at the end of the drain window, at most.
+const DRAIN_READS: usize = 64;
 
 /// The OOM score every started process gets, so the kernel picks user code before envd.
 const CHILD_OOM_SCORE_ADJ: &[u8] = b"100";
@@ -443,7 +447,7 @@ async fn read_window_closed(exited: &mut watch::Receiver<Option<Instant>>) {
 
 /// Copies a pipe into the log until end of file (or the drain window after the exit).
 async fn read_pipe(
-    mut pipe: impl AsyncRead + Unpin,
+    mut pipe: impl AsyncRead + AsFd + Unpin,
     log: Arc<OutputLog>,
     wrap: fn(Vec<u8>) -> Output,
     mut exited: watch::Receiver<Option<Instant>>,
@@ -451,8 +455,13 @@ async fn read_pipe(
     let mut buf = vec![0u8; PIPE_CHUNK];
     loop {
         let read = tokio::select! {
+            // Reading wins a tie with the window: output already written is never dropped.
+            biased;
             read = pipe.read(&mut buf) => read,
-            () = read_window_closed(&mut exited) => return,
+            () = read_window_closed(&mut exited) => {
+                drain_ready(pipe.as_fd(), &mut buf, &log, wrap).await;
+                return;
+            }
         };
         match read {
             Ok(0) => return,
@@ -476,8 +485,12 @@ async fn read_pty(
     let mut buf = vec![0u8; PTY_CHUNK];
     loop {
         let read = tokio::select! {
+            biased;
             read = pty.read(&mut buf) => read,
-            () = read_window_closed(&mut exited) => return,
+            () = read_window_closed(&mut exited) => {
+                drain_ready(pty.as_fd(), &mut buf, &log, Output::Pty).await;
+                return;
+            }
         };
         match read {
             Ok(0) => return,
@@ -487,6 +500,27 @@ async fn read_pty(
                 tracing::debug!(%error, "reading terminal output failed");
                 return;
             }
+        }
+    }
+}
+
+/// At the end of the drain window: whatever already sits in the (non-blocking) pipe or
+/// terminal goes to the log, read directly. The reactor may not have reported it readable
+/// yet on a busy machine, and the process wrote it before it exited. Bounded, so a
+/// background child that keeps writing cannot hold the end back.
+async fn drain_ready(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    log: &OutputLog,
+    wrap: fn(Vec<u8>) -> Output,
+) {
+    for _ in 0..DRAIN_READS {
+        match nix::unistd::read(fd, buf) {
+            Ok(0) => return,
+            Ok(n) => log.push(wrap(buf[..n].to_vec())).await,
+            Err(Errno::EINTR) => {}
+            // EAGAIN: nothing more; EIO: a terminal whose slaves are all closed.
+            Err(_) => return,
         }
     }
 }
