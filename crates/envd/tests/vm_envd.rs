@@ -421,13 +421,39 @@ fn test_envd_as_pid1_serves_over_vsock_and_runs_a_process() {
     let reply = http(vm.vsock(ENVD_PORT), "GET", "/health", &[], b"");
     assert_eq!(reply.status, 204, "{reply:?}\n{}", vm.report());
 
+    // The host's /init (what the agent sends after a restore): only with the current token;
+    // envd as PID 1 takes the host's time (a day ahead here, so the change is visible) and
+    // reseeds the kernel's random generator.
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(86_400);
+    let ahead_secs = ahead
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let init = json!({"timestamp": humantime::format_rfc3339_millis(ahead).to_string(),
+                      "envVars": {"FROM_INIT": "yes"}})
+    .to_string();
+    let refused = http(vm.vsock(ENVD_PORT), "POST", "/init", &[], init.as_bytes());
+    assert_eq!(refused.status, 401, "{refused:?}");
+    let reply = http(
+        vm.vsock(ENVD_PORT),
+        "POST",
+        "/init",
+        &[
+            ("x-access-token", token),
+            ("content-type", "application/json"),
+        ],
+        init.as_bytes(),
+    );
+    assert_eq!(reply.status, 204, "{reply:?}\n{}", vm.report());
+
     // A process, through the Connect streaming protocol with the JSON codec.
     // Besides running: the process sits in its own cgroup, is not OOM-protected like envd,
     // the hostname and /run/e2b come from the command line, and an orphan (the `sleep` whose
     // parent exits at once) is reaped by PID 1 rather than left a zombie.
     let script = "echo hello; id -u; cat /proc/self/cgroup; hostname; \
                   cat /run/e2b/.E2B_SANDBOX_ID; echo; cat /proc/self/oom_score_adj; \
-                  (sleep 0.2 &); sleep 1; grep -l '^State:.*Z' /proc/[0-9]*/status | wc -l";
+                  (sleep 0.2 &); sleep 1; grep -l '^State:.*Z' /proc/[0-9]*/status | wc -l; \
+                  echo $FROM_INIT; date +%s";
     let request = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}});
     let start = |token: Option<&str>| {
         let mut headers = vec![
@@ -488,7 +514,7 @@ fn test_envd_as_pid1_serves_over_vsock_and_runs_a_process() {
     }
     let stdout = String::from_utf8_lossy(&stdout);
     let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
-    assert_eq!(lines.len(), 7, "{stdout}\n{events:?}");
+    assert_eq!(lines.len(), 9, "{stdout}\n{events:?}");
     assert_eq!(lines[..2], ["hello", "0"], "{stdout}");
     assert!(
         lines[2].starts_with("0::/wrenn/processes/"),
@@ -496,6 +522,12 @@ fn test_envd_as_pid1_serves_over_vsock_and_runs_a_process() {
     );
     assert_eq!(lines[3..6], ["wrenn", "vm-envd-test", "100"], "{stdout}");
     assert_eq!(lines[6], "0", "zombies left: {stdout}");
+    assert_eq!(lines[7], "yes", "/init's environment: {stdout}");
+    let guest_now: u64 = lines[8].parse().unwrap();
+    assert!(
+        guest_now + 120 >= ahead_secs,
+        "the guest clock did not take /init's time: {guest_now} vs {ahead_secs}"
+    );
     let end = &events.last().unwrap()["end"];
     assert_eq!(end["exited"], true, "{events:?}");
     assert_eq!(end["exitCode"].as_i64().unwrap_or(0), 0, "{events:?}");
