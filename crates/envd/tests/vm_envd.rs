@@ -251,7 +251,9 @@ fn http(
 
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
+    if let Err(error) = reader.read_line(&mut line) {
+        panic!("{method} {path}: no reply: {error}");
+    }
     let status = line
         .split_whitespace()
         .nth(1)
@@ -432,18 +434,18 @@ fn test_envd_as_pid1_serves_over_vsock_and_runs_a_process() {
     let init = json!({"timestamp": humantime::format_rfc3339_millis(ahead).to_string(),
                       "envVars": {"FROM_INIT": "yes"}})
     .to_string();
-    let refused = http(vm.vsock(ENVD_PORT), "POST", "/init", &[], init.as_bytes());
+    let vsock = vm.vsock(ENVD_PORT);
+    let refused = std::panic::catch_unwind(|| http(vsock, "POST", "/init", &[], init.as_bytes()))
+        .unwrap_or_else(|_| panic!("/init without the token failed\n{}", vm.report()));
     assert_eq!(refused.status, 401, "{refused:?}");
-    let reply = http(
-        vm.vsock(ENVD_PORT),
-        "POST",
-        "/init",
-        &[
-            ("x-access-token", token),
-            ("content-type", "application/json"),
-        ],
-        init.as_bytes(),
-    );
+    let vsock = vm.vsock(ENVD_PORT);
+    let headers = [
+        ("x-access-token", token),
+        ("content-type", "application/json"),
+    ];
+    let reply =
+        std::panic::catch_unwind(|| http(vsock, "POST", "/init", &headers, init.as_bytes()))
+            .unwrap_or_else(|_| panic!("/init failed\n{}", vm.report()));
     assert_eq!(reply.status, 204, "{reply:?}\n{}", vm.report());
 
     // A process, through the Connect streaming protocol with the JSON codec.

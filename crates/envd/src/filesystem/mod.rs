@@ -371,8 +371,7 @@ fn unknown_watcher(id: &str) -> ConnectError {
 /// A random id in UUID form (E2B's watcher ids are UUIDs).
 fn new_watcher_id() -> Result<String, ConnectError> {
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes)
-        .map_err(|error| ConnectError::internal(format!("generating a watcher id: {error}")))?;
+    crate::system::entropy::fill_unblocking(&mut bytes);
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();

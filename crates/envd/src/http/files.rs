@@ -787,7 +787,7 @@ fn create_temp(
     let mut attempt = 0;
     loop {
         let mut random = [0u8; 8];
-        getrandom::fill(&mut random).map_err(|e| io::Error::other(e.to_string()))?;
+        crate::system::entropy::fill_unblocking(&mut random);
         let temp = parent.join(format!(
             ".{name}.upload-{:016x}",
             u64::from_le_bytes(random)

@@ -68,11 +68,11 @@ pub(super) async fn init(
     }
     if let Some(stamp) = request.timestamp.as_deref() {
         match humantime::parse_rfc3339_weak(stamp.trim_end_matches('Z')) {
-            Ok(now) => {
-                if let Err(error) = system::clock::set_if_skewed(&shared.settings(), now) {
-                    tracing::warn!(%error, "could not set the clock from /init");
-                }
-            }
+            Ok(now) => match system::clock::set_if_skewed(&shared.settings(), now) {
+                Ok(true) => tracing::info!("clock set from /init"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "could not set the clock from /init"),
+            },
             Err(error) => {
                 return json_error(
                     StatusCode::BAD_REQUEST,
@@ -96,8 +96,12 @@ pub(super) async fn init(
         return json_error(status, message);
     }
     // A restored sandbox must not replay the random stream of its snapshot's other clones.
-    if let Err(error) = system::entropy::reseed(&shared.settings()) {
-        tracing::warn!(%error, "could not reseed the random generator");
+    let settings = shared.settings();
+    match tokio::task::spawn_blocking(move || system::entropy::reseed(&settings)).await {
+        Ok(Ok(true)) => tracing::info!("random generator reseeded"),
+        Ok(Ok(false)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "could not reseed the random generator"),
+        Err(error) => tracing::warn!(%error, "reseeding the random generator failed"),
     }
     shared.update(|settings| {
         if let Some(env) = request.env_vars {

@@ -60,8 +60,17 @@ fn gather() -> Result<PoolInfo, EntropyError> {
         .unwrap_or(0);
     if hardware < SEED_BYTES {
         // Uncredited: after a restore getrandom replays the snapshot's stream, but mixing it
-        // does no harm and keeps the pool fed when there is no hardware generator.
-        getrandom::fill(&mut info.buf[hardware..SEED_BYTES]).map_err(|_| EntropyError::NoBytes)?;
+        // does no harm and keeps the pool fed when there is no hardware generator. Never
+        // blocking: before the kernel's generator is ready getrandom would wait (seconds to
+        // minutes in a small VM without a hardware source), holding the host's /init.
+        let rest = &mut info.buf[hardware..SEED_BYTES];
+        // SAFETY: `rest` is writable for `rest.len()` bytes; GRND_NONBLOCK makes the call
+        // return EAGAIN instead of waiting.
+        let got =
+            unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), libc::GRND_NONBLOCK) };
+        if got < 0 && hardware == 0 {
+            return Err(EntropyError::NoBytes);
+        }
     }
     let realtime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
         .map(|t| t.tv_nsec())
@@ -102,6 +111,36 @@ pub fn reseed(settings: &Settings) -> Result<bool, EntropyError> {
     Ok(true)
 }
 
+/// Fills `buf` with bytes for names and ids (upload temp files, watcher ids) without ever
+/// waiting: the kernel's generator when it is ready, else a SplitMix64 stream seeded from the
+/// monotonic clock, the pid and a counter. Before the generator is ready (a VM with no
+/// hardware source, early after boot) getrandom would block the request; names need to be
+/// unique, not secret.
+pub fn fill_unblocking(buf: &mut [u8]) {
+    // SAFETY: `buf` is writable for `buf.len()` bytes; GRND_NONBLOCK never waits.
+    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
+    if usize::try_from(got).is_ok_and(|got| got == buf.len()) {
+        return;
+    }
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec().unsigned_abs() << 30 ^ t.tv_nsec().unsigned_abs())
+        .unwrap_or_default();
+    let mut state = now
+        ^ u64::from(std::process::id()) << 40
+        ^ COUNTER
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .rotate_left(17);
+    for chunk in buf.chunks_mut(8) {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +158,17 @@ mod tests {
         assert_eq!(first.buf_size, 80);
         assert!(first.entropy_count <= 64 * 8);
         assert_ne!(first.buf[..SEED_BYTES], second.buf[..SEED_BYTES]);
+    }
+
+    #[test]
+    fn test_unblocking_bytes_differ_between_calls() {
+        let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+        fill_unblocking(&mut a);
+        fill_unblocking(&mut b);
+        assert_ne!(a, b);
+        let mut odd = [0u8; 13];
+        fill_unblocking(&mut odd);
+        assert_ne!(odd, [0u8; 13]);
     }
 
     #[test]
