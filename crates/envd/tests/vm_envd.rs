@@ -6,7 +6,7 @@
 //! machines without one) after building the static envd, the kernel and the images. It drives
 //! the `wrenn-vmm` binary of the same target directory (`WRENN_VMM` to name another).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -17,6 +17,21 @@ use serde_json::{Value, json};
 use wrenn_image::cache::Cache;
 use wrenn_image::rootfs::{self, IMAGE_FILE, ImageKind};
 use wrenn_vmm::probe;
+
+mod common;
+use common::{Reply, envelope, frames, request_on};
+
+/// One request on `stream`, failing the test when no reply comes.
+fn http(
+    stream: UnixStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    request_on(stream, method, path, headers, body)
+        .unwrap_or_else(|error| panic!("{method} {path}: no reply: {error}"))
+}
 
 /// How long a guest may take to do its work in the host VM (nested, so slow).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -162,6 +177,9 @@ impl Vm {
     /// One request to the VMM's API socket; returns (status, body).
     fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         let stream = UnixStream::connect(self.path("api.sock")).expect("connect to API socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let reply = http(
             stream,
             method,
@@ -207,125 +225,6 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A complete HTTP response.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 request with `Connection: close` on `stream`; the whole response, de-chunked.
-fn http(
-    mut stream: UnixStream,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Reply {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
-         content-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    if let Err(error) = reader.read_line(&mut line) {
-        panic!("{method} {path}: no reply: {error}");
-    }
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        let trimmed = line.trim_end();
-        if trimmed.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = trimmed.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-        }
-    }
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let mut body = Vec::new();
-    if chunked {
-        loop {
-            line.clear();
-            reader.read_line(&mut line).unwrap();
-            let size_text = line.trim().split(';').next().unwrap_or("");
-            let size = usize::from_str_radix(size_text, 16)
-                .unwrap_or_else(|_| panic!("bad chunk size line {line:?}"));
-            if size == 0 {
-                break;
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            reader.read_exact(&mut body[start..]).unwrap();
-            line.clear();
-            reader.read_line(&mut line).unwrap();
-        }
-    } else if let Some((_, len)) = headers.iter().find(|(k, _)| k == "content-length") {
-        body.resize(len.parse().unwrap(), 0);
-        reader.read_exact(&mut body).unwrap();
-    } else {
-        reader.read_to_end(&mut body).unwrap();
-    }
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// A Connect envelope: flags, big-endian length, JSON.
-fn envelope(flags: u8, message: &Value) -> Vec<u8> {
-    let payload = serde_json::to_vec(message).unwrap();
-    let mut out = vec![flags];
-    out.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(&payload);
-    out
-}
-
-/// Splits a Connect stream body into (flags, JSON) envelopes; every byte must belong to one.
-fn envelopes(mut body: &[u8]) -> Vec<(u8, Value)> {
-    let mut out = Vec::new();
-    while !body.is_empty() {
-        assert!(body.len() >= 5, "truncated envelope header: {body:?}");
-        let len = usize::try_from(u32::from_be_bytes(body[1..5].try_into().unwrap())).unwrap();
-        assert!(body.len() >= 5 + len, "truncated envelope: {body:?}");
-        let json = serde_json::from_slice(&body[5..5 + len])
-            .unwrap_or_else(|e| panic!("envelope is not JSON ({e}): {:?}", &body[5..5 + len]));
-        out.push((body[0], json));
-        body = &body[5 + len..];
-    }
-    out
 }
 
 /// The kernel command line of a wrenn-init boot that runs `script` and resets.
@@ -484,18 +383,18 @@ fn test_envd_as_pid1_serves_over_vsock_and_runs_a_process() {
         Some("application/connect+json"),
         "{reply:?}"
     );
-    let frames = envelopes(&reply.body);
-    let (last_flags, last) = frames.last().expect("no envelopes");
+    let frames = frames(&reply.body);
+    let last = frames.last().expect("no envelopes");
     assert_eq!(
-        *last_flags, 0x02,
+        last.flags, 0x02,
         "last envelope is not end-stream: {frames:?}"
     );
-    assert!(last.get("error").is_none(), "stream error: {last}");
+    assert!(last.json.get("error").is_none(), "stream error: {last:?}");
     let events: Vec<&Value> = frames[..frames.len() - 1]
         .iter()
-        .map(|(flags, json)| {
-            assert_eq!(*flags, 0, "{frames:?}");
-            &json["event"]
+        .map(|frame| {
+            assert_eq!(frame.flags, 0, "{frames:?}");
+            &frame.json["event"]
         })
         .filter(|event| event.get("keepalive").is_none())
         .collect();
@@ -552,8 +451,8 @@ fn test_envd_as_pid1_serves_over_vsock_and_runs_a_process() {
 fn test_envelopes_splits_frames_and_flags() {
     let mut body = envelope(0, &json!({"event": {"start": {"pid": 7}}}));
     body.extend(envelope(2, &json!({})));
-    let frames = envelopes(&body);
+    let frames = frames(&body);
     assert_eq!(frames.len(), 2);
-    assert_eq!(frames[0].1["event"]["start"]["pid"], 7);
-    assert_eq!((frames[1].0, &frames[1].1), (2, &json!({})));
+    assert_eq!(frames[0].json["event"]["start"]["pid"], 7);
+    assert_eq!((frames[1].flags, &frames[1].json), (2, &json!({})));
 }

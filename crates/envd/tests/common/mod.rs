@@ -151,6 +151,8 @@ impl Reply {
 /// One frame of a Connect stream.
 #[derive(Debug, Clone)]
 pub struct Frame {
+    /// The envelope's flags byte.
+    pub flags: u8,
     /// The end-of-stream frame (flag 0x02).
     pub end: bool,
     pub json: Value,
@@ -210,21 +212,14 @@ impl Client {
         body: &[u8],
     ) -> std::io::Result<Head> {
         let mut stream = self.connect()?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .chain(headers.iter().copied())
-        {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(body)?;
+        let defaults = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        write_request(
+            &mut stream,
+            method,
+            path,
+            defaults.chain(headers.iter().copied()),
+            body,
+        )?;
         read_head(stream)
     }
 
@@ -329,18 +324,7 @@ impl Stream {
 
     /// The next frame, or None at the end of the body.
     pub fn next(&mut self) -> Option<Frame> {
-        let mut header = [0u8; 5];
-        if let Err(error) = self.reader.read_exact(&mut header) {
-            assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
-            return None;
-        }
-        let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
-        let mut payload = vec![0u8; len];
-        self.reader.read_exact(&mut payload).unwrap();
-        Some(Frame {
-            end: header[0] & 2 != 0,
-            json: serde_json::from_slice(&payload).unwrap(),
-        })
+        next_frame(&mut self.reader)
     }
 
     /// Frames up to and including the end frame.
@@ -359,7 +343,7 @@ impl Stream {
 
 /// A response body, chunked or length-delimited or until close.
 pub struct BodyReader {
-    inner: BufReader<TcpStream>,
+    inner: BufReader<Box<dyn Read + Send>>,
     mode: BodyMode,
 }
 
@@ -372,8 +356,77 @@ enum BodyMode {
 /// Status, headers (names lower-cased) and the body still to read.
 pub type Head = (u16, Vec<(String, String)>, BodyReader);
 
-fn read_head(stream: TcpStream) -> std::io::Result<Head> {
-    let mut inner = BufReader::new(stream);
+/// Writes an HTTP/1.1 request with `Connection: close`.
+fn write_request<'a>(
+    stream: &mut impl Write,
+    method: &str,
+    path: &str,
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)
+}
+
+/// One request on an already connected stream (e.g. a vsock connection through the VMM's
+/// socket); the whole response, de-chunked.
+pub fn request_on(
+    mut stream: impl Read + Write + Send + 'static,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Reply> {
+    write_request(&mut stream, method, path, headers.iter().copied(), body)?;
+    let (status, headers, mut reader) = read_head(stream)?;
+    let mut body = Vec::new();
+    reader.read_to_end(&mut body)?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// The next envelope from `reader`, or None at a clean end.
+fn next_frame(reader: &mut impl Read) -> Option<Frame> {
+    let mut header = [0u8; 5];
+    if let Err(error) = reader.read_exact(&mut header) {
+        assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
+        return None;
+    }
+    let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload).expect("truncated envelope");
+    let json = serde_json::from_slice(&payload)
+        .unwrap_or_else(|e| panic!("envelope is not JSON ({e}): {payload:?}"));
+    Some(Frame {
+        flags: header[0],
+        end: header[0] & 2 != 0,
+        json,
+    })
+}
+
+/// Splits a whole Connect stream body into envelopes; every byte must belong to one.
+pub fn frames(mut body: &[u8]) -> Vec<Frame> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        assert!(body.len() >= 5, "truncated envelope header: {body:?}");
+        out.push(next_frame(&mut body).expect("an envelope"));
+    }
+    out
+}
+
+fn read_head(stream: impl Read + Send + 'static) -> std::io::Result<Head> {
+    let mut inner = BufReader::new(Box::new(stream) as Box<dyn Read + Send>);
     let mut line = String::new();
     inner.read_line(&mut line)?;
     let status: u16 = line
