@@ -56,46 +56,32 @@ pub fn read_metadata(path: &Path) -> io::Result<HashMap<String, String>> {
 
 /// The attribute names of `path`, NUL-separated.
 fn list(path: &CString) -> io::Result<Vec<u8>> {
+    read_sized(|buffer, size| {
+        // SAFETY: `read_sized` passes a null buffer with size 0 (a size query) or a buffer
+        // writable for `size` bytes; `path` is a valid NUL-terminated string.
+        unsafe { libc::llistxattr(path.as_ptr(), buffer, size) }
+    })
+}
+
+/// The value of attribute `name` of `path`.
+fn get(path: &CString, name: &CString) -> io::Result<Vec<u8>> {
+    read_sized(|buffer, size| {
+        // SAFETY: as in `list`; both strings are valid and NUL-terminated.
+        unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buffer.cast(), size) }
+    })
+}
+
+/// The xattr calls' size protocol: ask for the size with a null buffer, read into a buffer
+/// of that size, and ask again if the data grew in between (ERANGE).
+fn read_sized(mut call: impl FnMut(*mut libc::c_char, usize) -> isize) -> io::Result<Vec<u8>> {
     loop {
-        // SAFETY: a null buffer with size 0 asks only for the needed size; `path` is a valid
-        // NUL-terminated string.
-        let size = unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+        let size = call(std::ptr::null_mut(), 0);
         let size = usize::try_from(size).map_err(|_| io::Error::last_os_error())?;
         if size == 0 {
             return Ok(Vec::new());
         }
         let mut buffer = vec![0u8; size];
-        // SAFETY: `buffer` is writable for `buffer.len()` bytes, the size passed.
-        let got = unsafe { libc::llistxattr(path.as_ptr(), buffer.as_mut_ptr().cast(), size) };
-        match usize::try_from(got) {
-            Ok(got) => {
-                buffer.truncate(got);
-                return Ok(buffer);
-            }
-            // The list grew since the size query: ask again.
-            Err(_) if io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) => {}
-            Err(_) => return Err(io::Error::last_os_error()),
-        }
-    }
-}
-
-/// The value of attribute `name` of `path`.
-fn get(path: &CString, name: &CString) -> io::Result<Vec<u8>> {
-    loop {
-        // SAFETY: a null buffer with size 0 asks only for the size; both strings are valid.
-        let size =
-            unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
-        let size = usize::try_from(size).map_err(|_| io::Error::last_os_error())?;
-        let mut buffer = vec![0u8; size];
-        // SAFETY: `buffer` is writable for `size` bytes; both strings are valid.
-        let got = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                buffer.as_mut_ptr().cast(),
-                size,
-            )
-        };
+        let got = call(buffer.as_mut_ptr().cast(), size);
         match usize::try_from(got) {
             Ok(got) => {
                 buffer.truncate(got);
