@@ -45,12 +45,13 @@ pub async fn require_token(
 
 /// Whether `headers` carry the token (true when none is set).
 pub fn token_matches(shared: &Shared, headers: &HeaderMap) -> bool {
-    let Some(expected) = shared.settings().access_token else {
-        return true;
-    };
-    headers
-        .get(ACCESS_TOKEN_HEADER)
-        .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes()))
+    let given = headers.get(ACCESS_TOKEN_HEADER);
+    shared.read(|s| match &s.access_token {
+        None => true,
+        Some(expected) => {
+            given.is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes()))
+        }
+    })
 }
 
 /// Compares without an early exit, so timing does not reveal the matching prefix.
@@ -89,7 +90,7 @@ pub fn basic_user(headers: &HeaderMap) -> Result<Option<String>, ConnectError> {
 pub fn rpc_user(shared: &Shared, headers: &HeaderMap) -> Result<User, ConnectError> {
     let name = match basic_user(headers)? {
         Some(name) => name,
-        None => shared.settings().default_user,
+        None => shared.read(|s| s.default_user.clone()),
     };
     lookup_user(shared, &name)
 }

@@ -55,6 +55,17 @@ impl Shared {
             .clone()
     }
 
+    /// Reads one thing from the settings under the lock, without copying the rest (the
+    /// per-request checks: token, default user, workdir).
+    pub fn read<T>(&self, pick: impl FnOnce(&Settings) -> T) -> T {
+        pick(
+            &self
+                .inner
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
     /// Changes the settings under the lock.
     pub fn update(&self, change: impl FnOnce(&mut Settings)) {
         let mut guard = self

@@ -63,7 +63,7 @@ impl FilesystemService {
         path: &str,
     ) -> Result<(User, PathBuf), ConnectError> {
         let user = auth::rpc_user(&self.shared, ctx.headers())?;
-        let workdir = self.shared.settings().default_workdir;
+        let workdir = self.shared.read(|s| s.default_workdir.clone());
         let resolved = auth::resolve_path(path, &user, workdir.as_deref());
         Ok((user, resolved))
     }

@@ -124,7 +124,7 @@ fn authorize(
     query: &FilesQuery,
     operation: Operation,
 ) -> Result<(), FilesError> {
-    let Some(token) = shared.settings().access_token else {
+    let Some(token) = shared.read(|s| s.access_token.clone()) else {
         return Ok(());
     };
     if let Some(given) = headers.get(ACCESS_TOKEN_HEADER).filter(|v| !v.is_empty()) {
@@ -175,7 +175,7 @@ fn authorize(
 fn request_user(shared: &Shared, query: &FilesQuery) -> Result<User, FilesError> {
     let name = match &query.username {
         Some(name) if !name.is_empty() => name.clone(),
-        _ => shared.settings().default_user,
+        _ => shared.read(|s| s.default_user.clone()),
     };
     if name.is_empty() {
         return Err(FilesError::bad_request(
@@ -192,7 +192,7 @@ fn request_user(shared: &Shared, query: &FilesQuery) -> Result<User, FilesError>
 
 /// `path` resolved for `user` (an absent path is the start directory, like E2B's).
 fn target_path(shared: &Shared, user: &User, path: Option<&str>) -> PathBuf {
-    let workdir = shared.settings().default_workdir;
+    let workdir = shared.read(|s| s.default_workdir.clone());
     resolve_path(path.unwrap_or(""), user, workdir.as_deref())
 }
 

@@ -49,5 +49,5 @@ async fn health() -> Response {
 
 /// `GET /envs`: the environment `/init` set for every process.
 async fn envs(State(shared): State<Arc<Shared>>) -> Json<BTreeMap<String, String>> {
-    Json(shared.settings().env_vars)
+    Json(shared.read(|s| s.env_vars.clone()))
 }

@@ -59,7 +59,7 @@ pub fn register(router: connectrpc::Router, shared: Arc<Shared>) -> connectrpc::
 /// warning, since the host sends them whatever envd runs on.
 pub fn apply_limits(shared: &Shared, limits: &ProcessLimits) -> Result<(), CgroupError> {
     limits.writes()?;
-    let Some(cgroups) = cgroup::manager(shared.settings().manage_cgroups) else {
+    let Some(cgroups) = cgroup::manager(shared.read(|s| s.manage_cgroups)) else {
         tracing::warn!(
             ?limits,
             "process limits ignored: envd does not manage cgroups here"
