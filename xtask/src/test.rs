@@ -39,10 +39,12 @@ const VM_TEST_PREFIX: &str = "vm_";
 const BINARY_TIMEOUT_SECS: u32 = 1200;
 /// Host VM vCPUs for the VM test phase (see run_vm_binaries).
 const VM_PHASE_CPUS: u32 = 1;
-/// Silence after which the host VM counts as stalled (each VM test has a 2-minute deadline).
+/// Silence after which the host VM counts as stalled (each VM test has a 2-minute deadline; a
+/// frozen host VM is found sooner by its heartbeat).
 const VM_PHASE_QUIET: std::time::Duration = std::time::Duration::from_secs(6 * 60);
-/// Runs of the VM test phase when the host VM stalls.
-const VM_PHASE_ATTEMPTS: u32 = 2;
+/// Runs of the VM test phase when the host VM stalls (each runs only the binaries that had not
+/// finished).
+const VM_PHASE_ATTEMPTS: u32 = 3;
 /// The whole VM test phase, boots included, on the host's clock.
 const VM_PHASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40 * 60);
 
@@ -266,28 +268,25 @@ fn run_vm_binaries(cache: &Cache, binaries: &[TestBinary], filter: Option<&str>)
         .context("test executables are not in a cargo target directory")?;
     std::fs::create_dir_all(&manifest_dir)?;
     let manifest = manifest_dir.join("vm-tests.json");
-    std::fs::write(&manifest, serde_json::to_vec_pretty(binaries)?)?;
 
     let mut argv = vec![
         std::env::current_exe()?.into_os_string(),
         "run-tests".into(),
         "--manifest".into(),
-        manifest.into_os_string(),
+        manifest.clone().into_os_string(),
     ];
     if let Some(filter) = filter {
         argv.extend(["--filter".into(), filter.into()]);
     }
-    let mut tee = TallyWriter {
-        inner: std::io::stdout(),
-        line: Vec::new(),
-        tally: Tally::default(),
-    };
+    let mut tee = TallyWriter::new(std::io::stdout());
     // One host VM vCPU: with two, the emulated host VM has been seen to livelock for many
     // minutes under nested guests (its vCPUs spin; QEMU guests inside hit it too). Rarely it
-    // also stalls with one; every test has its own deadline, so minutes of silence mean the
-    // host VM itself stopped: it is killed and the phase runs once more, said out loud.
+    // also freezes with one: its heartbeat stops, it is killed (with a note of what its vCPU was
+    // doing) and the binaries that had not finished run again in a new one, said out loud.
     let mut attempt = 1;
+    let mut remaining: Vec<&TestBinary> = binaries.iter().collect();
     let code = loop {
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&remaining)?)?;
         let run = crate::hostvm::run_argv_with(
             cache,
             &argv,
@@ -305,18 +304,21 @@ fn run_vm_binaries(cache: &Cache, binaries: &[TestBinary], filter: Option<&str>)
                         Some(wrenn_hostvm::HostVmError::Stalled { .. })
                     ) =>
             {
+                tee.flush()?;
+                remaining.retain(|b| !tee.finished.contains(&b.target));
+                tee.forget_unfinished();
                 eprintln!(
-                    "==> {e}; running the VM tests again (attempt {})",
+                    "==> {e}; running the {} unfinished VM test binaries again (attempt {})",
+                    remaining.len(),
                     attempt + 1
                 );
-                tee.tally = Tally::default();
                 attempt += 1;
             }
             other => break other?,
         }
     };
     tee.flush()?;
-    let mut tally = tee.tally;
+    let mut tally = tee.total();
     if code != 0 && tally.failed == 0 {
         eprintln!("the VM test phase exited with {code}");
         tally.broken += 1;
@@ -337,19 +339,65 @@ pub fn run_manifest(args: RunArgs) -> Result<ExitCode> {
     })
 }
 
-/// Passes output through while counting libtest results in it.
+/// Passes output through while counting libtest results in it, per binary (`run_binaries`
+/// starts each with a `---- TARGET (PACKAGE)` line).
 struct TallyWriter<W: Write> {
     inner: W,
     line: Vec<u8>,
-    tally: Tally,
+    /// Binaries whose summary line was seen.
+    finished: Vec<String>,
+    /// Their results.
+    finished_tally: Tally,
+    current: Option<String>,
+    current_tally: Tally,
+}
+
+impl<W: Write> TallyWriter<W> {
+    fn new(inner: W) -> Self {
+        TallyWriter {
+            inner,
+            line: Vec::new(),
+            finished: Vec::new(),
+            finished_tally: Tally::default(),
+            current: None,
+            current_tally: Tally::default(),
+        }
+    }
+
+    fn scan_line(&mut self) {
+        let line = String::from_utf8_lossy(&self.line).into_owned();
+        self.line.clear();
+        if let Some(header) = line.strip_prefix("---- ") {
+            self.forget_unfinished();
+            self.current = header.split_whitespace().next().map(str::to_owned);
+            return;
+        }
+        self.current_tally.scan(&line);
+        if line.trim().starts_with("test result: ") {
+            self.finished_tally
+                .add(std::mem::take(&mut self.current_tally));
+            self.finished.extend(self.current.take());
+        }
+    }
+
+    /// Drops what the binary cut off by a stall had printed: it runs again.
+    fn forget_unfinished(&mut self) {
+        self.current = None;
+        self.current_tally = Tally::default();
+    }
+
+    fn total(&self) -> Tally {
+        let mut total = self.finished_tally;
+        total.add(self.current_tally);
+        total
+    }
 }
 
 impl<W: Write> Write for TallyWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         for &b in buf {
             if b == b'\n' {
-                self.tally.scan(&String::from_utf8_lossy(&self.line));
-                self.line.clear();
+                self.scan_line();
             } else {
                 self.line.push(b);
             }
@@ -360,8 +408,7 @@ impl<W: Write> Write for TallyWriter<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         if !self.line.is_empty() {
-            self.tally.scan(&String::from_utf8_lossy(&self.line));
-            self.line.clear();
+            self.scan_line();
         }
         self.inner.flush()
     }
@@ -377,6 +424,26 @@ mod tests {
         t.scan("test result: ok. 5 passed; 1 failed; 2 ignored; 0 measured; 3 filtered out; finished in 0.01s");
         t.scan("running 8 tests");
         assert_eq!((t.passed, t.failed, t.skipped), (5, 1, 2));
+    }
+
+    #[test]
+    fn test_tally_writer_keeps_finished_binaries_and_forgets_a_cut_one() {
+        let mut tee = TallyWriter::new(Vec::new());
+        let out = "---- vm_a (p)\nrunning 2 tests\ntest x ... ok\n\
+            test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+            ---- vm_b (p)\nrunning 3 tests\n\
+            test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out\n\
+            ---- vm_c (p)\nrunning 1 tests\ntest y ... ok\n";
+        tee.write_all(out.as_bytes()).unwrap();
+        tee.flush().unwrap();
+        assert_eq!(tee.finished, ["vm_a", "vm_b"]);
+        let t = tee.total();
+        assert_eq!((t.passed, t.failed), (3, 2));
+        tee.forget_unfinished();
+        tee.write_all(b"---- vm_c (p)\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n")
+            .unwrap();
+        assert_eq!(tee.finished, ["vm_a", "vm_b", "vm_c"]);
+        assert_eq!(tee.total().passed, 4);
     }
 
     #[test]

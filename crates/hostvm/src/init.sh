@@ -5,7 +5,8 @@
 # 2. load kvm and kvm_amd, check /dev/kvm;
 # 3. mount the host's root read-only at /mnt/host with /dev, /proc, /sys, a fresh /run, the
 #    a fresh tmpfs /tmp and the writable shares (listed in /wrenn/spec.sh) at their host paths;
-# 4. create /wrenn/ready, run the command of /wrenn/spec.sh chrooted there with stdout and stderr
+# 4. start a heartbeat (/wrenn/alive gets the uptime every few seconds, so the host can tell a
+#    frozen VM from a quiet command); create /wrenn/ready, run the command of /wrenn/spec.sh chrooted there with stdout and stderr
 #    going to /wrenn/stdout and /wrenn/stderr, write its exit status to /wrenn/exit;
 # 5. reset the VM (QEMU runs with -no-reboot, so it exits).
 # Progress and failures go to the console (the host's console.log); a failure once /wrenn is
@@ -88,6 +89,8 @@ keep() {
 [ -r /wrenn/spec.sh ] || fail "/wrenn/spec.sh is missing"
 . /wrenn/spec.sh
 
+# Busybox's sleep and echo: the heartbeat needs nothing from the host's root.
+( while :; do echo "$(cat /proc/uptime)" >/wrenn/alive; sleep 3; done ) </dev/null >/dev/null 2>&1 &
 : >/wrenn/ready
 # In a subshell, so that the redirections are the command's only: a simple command's are also
 # active in ash itself, which would then write "Killed" to the command's stderr.

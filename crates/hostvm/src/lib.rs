@@ -23,6 +23,7 @@ pub mod artifacts;
 pub mod cpio;
 pub mod decide;
 pub mod modules;
+mod monitor;
 mod qemu;
 mod run;
 pub mod spec;
@@ -103,11 +104,16 @@ pub enum HostVmError {
     #[error("the command did not finish within {timeout:?}; {what} was killed")]
     Timeout { timeout: Duration, what: String },
     #[error(
-        "the host VM stalled: the command wrote nothing for {quiet:?}; it was killed \
-         (console: {})",
+        "the host VM stalled: {what} ({state}); it was killed (console: {})",
         console.display()
     )]
-    Stalled { quiet: Duration, console: PathBuf },
+    Stalled {
+        /// What showed the stall.
+        what: String,
+        /// What QEMU said the VM was doing (details in `stall.txt` beside the console log).
+        state: String,
+        console: PathBuf,
+    },
     #[error("cannot pass on the command's output")]
     Output(#[source] std::io::Error),
 }

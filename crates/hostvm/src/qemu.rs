@@ -98,6 +98,8 @@ pub(crate) struct VmConfig<'a> {
     /// All kernel messages to the console log.
     pub verbose: bool,
     pub console_log: &'a Path,
+    /// QMP monitor socket (asked what the VM is doing when it stalls).
+    pub qmp_socket: &'a Path,
     pub run_share: &'a Path,
     /// Writable shares as (tag, host path).
     pub shares: &'a [(String, PathBuf)],
@@ -126,6 +128,14 @@ pub(crate) fn args(cfg: &VmConfig<'_>) -> Vec<OsString> {
         ]),
     );
     flag("-serial", "chardev:console".into());
+    flag(
+        "-qmp",
+        concat(&[
+            "unix:".as_ref(),
+            &escape(cfg.qmp_socket.as_os_str()),
+            ",server=on,wait=off".as_ref(),
+        ]),
+    );
     let mut fs_share = |id: &str, tag: &str, path: &Path, readonly: bool| {
         let options = if readonly { ",readonly=on" } else { "" };
         flag(
@@ -271,6 +281,7 @@ mod tests {
             hz: Some(250),
             verbose: false,
             console_log: Path::new("/r/console.log"),
+            qmp_socket: Path::new("/r/qmp.sock"),
             run_share: Path::new("/r/guest"),
             shares: &shares,
         };

@@ -8,11 +8,14 @@
 //!   lock          flock held while the run is alive: a directory whose lock is free is stale
 //!   qemu.log      QEMU's own stdout and stderr
 //!   console.log   the VM's serial console (kernel messages, init's progress and errors)
+//!   qmp.sock      QEMU's QMP monitor
+//!   stall.txt     after a stall: QEMU's CPU use and the vCPU registers
 //!   guest/        9p share `wrennrun`, mounted at /wrenn in the VM
 //!     spec.sh     the command (see spec.rs)
 //!     ready       created by init just before the command starts
 //!     stdout      the command's stdout and stderr, streamed to the caller while they grow
 //!     stderr
+//!     alive       the VM's uptime, rewritten every few seconds by init (the heartbeat)
 //!     exit        the command's exit status (decimal), written after it exits
 //!     error       what failed in init, with the last kernel messages
 //! ```
@@ -33,7 +36,7 @@ use wrenn_image::packages;
 use crate::decide::Placement;
 use crate::qemu::{Qemu, VmConfig};
 use crate::spec::CommandSpec;
-use crate::{HostVmError, artifacts};
+use crate::{HostVmError, artifacts, monitor};
 
 /// How often output files and status are checked while the VM runs.
 const POLL: Duration = Duration::from_millis(10);
@@ -41,6 +44,8 @@ const POLL: Duration = Duration::from_millis(10);
 const TAIL_LINES: usize = 40;
 /// How long QEMU may take to exit once init reported the exit status or an error.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often the heartbeat is read.
+const HEARTBEAT_POLL: Duration = Duration::from_secs(1);
 /// A run directory without a lock file older than this is a leftover of a crash.
 const UNLOCKED_GRACE: Duration = Duration::from_secs(60);
 
@@ -67,9 +72,13 @@ pub struct RunOptions {
     /// first QEMU launch (boots included; building the host VM's artifacts once is not) or from
     /// the start of a direct command.
     pub timeout: Option<Duration>,
-    /// Kill the host VM when the command has written nothing to stdout or stderr for this long
-    /// (the emulated host VM has been seen to stall for many minutes): `HostVmError::Stalled`.
+    /// Kill the host VM when the command has written nothing to stdout or stderr for this long:
+    /// `HostVmError::Stalled`. Independently of this, a host VM whose heartbeat stops (the
+    /// emulated host VM has been seen to freeze for many minutes) is killed as stalled.
     pub quiet_timeout: Option<Duration>,
+    /// A heartbeat unchanged for this long means the host VM froze (init rewrites it every 3 s;
+    /// default 45 s).
+    pub heartbeat_timeout: Duration,
 }
 
 impl RunOptions {
@@ -96,6 +105,7 @@ impl RunOptions {
             boot_attempts: 3,
             timeout: None,
             quiet_timeout: None,
+            heartbeat_timeout: Duration::from_secs(45),
         }
     }
 
@@ -274,7 +284,7 @@ impl RunDir {
 
     /// Clears what an earlier boot attempt left; creates empty output files.
     fn reset(&self) -> Result<(), HostVmError> {
-        for name in ["ready", "exit", "exit.new", "error", "error.new"] {
+        for name in ["ready", "exit", "exit.new", "error", "error.new", "alive"] {
             let _ = fs::remove_file(self.guest(name));
         }
         for name in ["stdout", "stderr"] {
@@ -362,6 +372,7 @@ fn run_hostvm(
     })?;
     let console_log = dir.file("console.log");
     let qemu_log = dir.file("qemu.log");
+    let qmp_socket = dir.file("qmp.sock");
     let run_share = dir.path.join("guest");
     let mut cfg = VmConfig {
         vmlinux: &artifacts.vmlinux,
@@ -372,6 +383,7 @@ fn run_hostvm(
         hz: artifacts.hz,
         verbose: false,
         console_log: &console_log,
+        qmp_socket: &qmp_socket,
         run_share: &run_share,
         shares: &shares,
     };
@@ -399,6 +411,7 @@ fn run_hostvm(
                     &dir,
                     deadline,
                     options.quiet_timeout,
+                    options.heartbeat_timeout,
                     stdout,
                     stderr,
                 )?;
@@ -507,6 +520,7 @@ fn supervise(
     dir: &RunDir,
     deadline: Option<(Instant, Duration)>,
     quiet_timeout: Option<Duration>,
+    heartbeat_timeout: Duration,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<i32, HostVmError> {
@@ -520,6 +534,7 @@ fn supervise(
     let exit = dir.guest("exit");
     let mut exit_seen: Option<Instant> = None;
     let mut last_output = Instant::now();
+    let mut heartbeat = Heartbeat::new(dir.guest("alive"), heartbeat_timeout);
     loop {
         let exited = vm.try_wait()?.is_some();
         // After the VM stopped, this reads everything that is left.
@@ -531,16 +546,16 @@ fn supervise(
         if wrote_out || wrote_err {
             last_output = Instant::now();
         }
-        if let Some(quiet) = quiet_timeout
-            && exit_seen.is_none()
-            && last_output.elapsed() > quiet
-        {
-            tracing::warn!(pid = vm.pid(), ?quiet, "the host VM stalled; killing it");
-            vm.kill();
-            return Err(HostVmError::Stalled {
-                quiet,
-                console: dir.file("console.log"),
-            });
+        let frozen = exit_seen.is_none() && heartbeat.lost();
+        let quiet =
+            quiet_timeout.filter(|quiet| exit_seen.is_none() && last_output.elapsed() > *quiet);
+        if frozen || quiet.is_some() {
+            let what = match quiet {
+                _ if frozen => format!("its heartbeat stopped for {heartbeat_timeout:?}"),
+                Some(quiet) => format!("the command wrote nothing for {quiet:?}"),
+                None => unreachable!("checked above"),
+            };
+            return Err(stall(vm, dir, what));
         }
         if let Err(e) = check_deadline(vm, deadline) {
             pump(&mut out, stdout, &mut buf)?;
@@ -577,6 +592,64 @@ fn supervise(
                 console: dir.file("console.log"),
             }),
         },
+    }
+}
+
+/// Asks QEMU what the stalled VM was doing, keeps that in `stall.txt`, and kills the VM.
+fn stall(vm: &mut Qemu, dir: &RunDir, what: String) -> HostVmError {
+    let report = monitor::stall_report(vm.pid(), &dir.file("qmp.sock"));
+    let state = monitor::summary(&report);
+    let _ = fs::write(dir.file("stall.txt"), &report);
+    tracing::warn!(pid = vm.pid(), %what, %state, "the host VM stalled; killing it");
+    vm.kill();
+    HostVmError::Stalled {
+        what,
+        state,
+        console: dir.file("console.log"),
+    }
+}
+
+/// The VM's heartbeat file, read at most once a second.
+struct Heartbeat {
+    path: PathBuf,
+    timeout: Duration,
+    last: Option<String>,
+    changed: Instant,
+    checked: Instant,
+}
+
+impl Heartbeat {
+    fn new(path: PathBuf, timeout: Duration) -> Self {
+        let now = Instant::now();
+        Heartbeat {
+            path,
+            timeout,
+            last: None,
+            changed: now,
+            checked: now,
+        }
+    }
+
+    /// Whether the heartbeat, once seen, has not changed for its timeout. A VM whose init
+    /// never wrote one (an older initramfs) is never called frozen.
+    fn lost(&mut self) -> bool {
+        if self.checked.elapsed() < HEARTBEAT_POLL {
+            return false;
+        }
+        self.checked = Instant::now();
+        let Ok(text) = fs::read_to_string(&self.path) else {
+            return false;
+        };
+        if text.is_empty() {
+            // Caught between init's truncate and write.
+            return false;
+        }
+        if self.last.as_deref() != Some(text.as_str()) {
+            self.last = Some(text);
+            self.changed = Instant::now();
+            return false;
+        }
+        self.changed.elapsed() > self.timeout
     }
 }
 

@@ -187,6 +187,43 @@ fn test_hostvm_timeout_kills_vm_and_leaves_no_qemu() {
 }
 
 #[test]
+fn test_hostvm_whose_heartbeat_stops_is_killed_as_frozen_with_its_state() {
+    require_hostvm!();
+    init_logs();
+    let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // The command keeps talking but stops init's heartbeat loop (the parent of its `sleep 3`),
+    // which is what a frozen VM looks like from the host.
+    let script = r#"
+        for p in /proc/[0-9]*; do
+            if [ "$(tr '\0' ' ' <$p/cmdline 2>/dev/null)" = "sleep 3 " ]; then
+                kill -STOP "$(cut -d' ' -f4 $p/stat)"
+            fi
+        done
+        while :; do echo tick; sleep 1; done"#;
+    let spec = CommandSpec::new(["sh", "-c", script]);
+    let mut options = RunOptions::new(Placement::HostVm).timeout(Duration::from_secs(120));
+    options.heartbeat_timeout = Duration::from_secs(6);
+    let started = Instant::now();
+    let (result, out, _) = run_captured(&spec, &options);
+    let took = started.elapsed();
+    let err = result.expect_err("a VM without heartbeat must count as stalled");
+    match &err {
+        HostVmError::Stalled { what, state, .. } => {
+            assert!(what.contains("heartbeat"), "{what}");
+            assert!(
+                !state.contains("RIP=unknown"),
+                "QMP did not answer: {state}"
+            );
+        }
+        other => panic!("expected a stall, got: {}", chain(other)),
+    }
+    assert!(out.contains("tick"), "{out}");
+    assert!(took < Duration::from_secs(90), "took {took:?}");
+    let left = qemus_of(std::process::id());
+    assert!(left.is_empty(), "QEMU still running: {left:?}");
+}
+
+#[test]
 fn test_hostvm_silent_command_is_killed_as_a_stall() {
     require_hostvm!();
     init_logs();
