@@ -24,7 +24,7 @@ pub fn run() -> Result<()> {
             "/usr/include",
         ])
         .arg("--descriptor_set_out=descriptor.bin")
-        .args(["process.proto", "filesystem.proto"])
+        .args(proto_files(&dir))
         .status()
         .context("running protoc")?;
     if !status.success() {
@@ -32,4 +32,16 @@ pub fn run() -> Result<()> {
     }
     println!("wrote {}", dir.join("descriptor.bin").display());
     Ok(())
+}
+
+/// Every `.proto` file of the directory, sorted (the order the descriptor set holds them in).
+fn proto_files(dir: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".proto"))
+        .collect();
+    files.sort();
+    files
 }

@@ -19,7 +19,7 @@ fn descriptor_set_matches_the_proto_files() {
             "/usr/include",
         ])
         .arg(format!("--descriptor_set_out={}", out.path().display()))
-        .args(["process.proto", "filesystem.proto"])
+        .args(proto_files(&dir))
         .status()
         .unwrap_or_else(|e| {
             panic!(
@@ -33,4 +33,16 @@ fn descriptor_set_matches_the_proto_files() {
         fresh == checked_in,
         "proto/descriptor.bin is stale: run `cargo xtask proto` and commit it"
     );
+}
+
+/// Every `.proto` file of the directory, sorted (the order the descriptor set holds them in).
+fn proto_files(dir: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".proto"))
+        .collect();
+    files.sort();
+    files
 }
