@@ -304,6 +304,9 @@ fn start_pager_with(
         .arg(store)
         .arg("--build")
         .arg(build)
+        // The VMM that connects may take long to start on a busy host VM; the default 10 s
+        // has run out before it came.
+        .args(["--accept-timeout-secs", "120"])
         .args(extra)
         .stdout(stdout)
         .stderr(std::fs::File::create(log).unwrap())
