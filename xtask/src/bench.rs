@@ -11,6 +11,9 @@
 //! `envd`: envd's exec round trip, stdout streaming and `/files` throughput against doing the
 //! same directly on the host (see `bench_envd.rs`).
 //!
+//! `agent`: the host agent's create (beside the raw restore), exec, pause, resume, parallel
+//! creates and idle memory, in one host VM run (see `bench_agent.rs`).
+//!
 //! `guest`: the foundation's baselines: kernel and image build times and sizes (as recorded
 //! when they were built, or rebuilt now with `--rebuild`), the host VM's boot to a running
 //! command, and our guest's boot to its ready marker under QEMU microvm on the host VM's KVM,
@@ -30,7 +33,7 @@ use wrenn_image::guest;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmark to run: `guest`, `vmm`, `snapshot` or `envd`.
+    /// Benchmark to run: `guest`, `vmm`, `snapshot`, `envd` or `agent`.
     name: String,
     /// Samples per measurement (default: 5 for `guest`, 10 for `vmm` and `snapshot`; for `envd`
     /// the throughput rounds, default 3).
@@ -53,7 +56,11 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
         "snapshot" if args.inner => crate::bench_snapshot::inner(cache, args.runs),
         "snapshot" => crate::bench_snapshot::outer(cache, args.runs),
         "envd" => crate::bench_envd::run(args.runs),
-        other => bail!("unknown benchmark {other:?}; available: guest, vmm, snapshot, envd"),
+        "agent" if args.inner => crate::bench_agent::inner(args.runs),
+        "agent" => crate::bench_agent::outer(cache, args.runs),
+        other => {
+            bail!("unknown benchmark {other:?}; available: guest, vmm, snapshot, envd, agent")
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_agent;
 mod bench_envd;
 mod bench_snapshot;
 mod bench_vmm;

@@ -26,6 +26,7 @@ use wrenn_image::guest;
 const HOST_TEST_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "iproute2",
+    "nftables",
     "util-linux",
     "curl",
     "gzip",

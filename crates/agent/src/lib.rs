@@ -3,9 +3,17 @@
 //!
 //! Modules, bottom up: `network` (the pool of network slots: namespace, veth, tap, NAT),
 //! `vmm` (one `wrenn-vmm` process and its API socket), `envd` (the client of the daemon inside
-//! each guest), `templates` (named snapshots), `sandbox` (one sandbox's record and states),
-//! `manager` (everything the RPCs do), `rpc` (the Connect service), `server` (the listener).
+//! each guest), `pages` (the page server shared by every sandbox), `templates` (named
+//! snapshots), `sandbox` (one sandbox's record and states), `manager` (everything the RPCs do),
+//! `metrics`, `rpc` (the Connect service), `server` (the listener).
 
 pub mod envd;
+pub mod manager;
+pub mod metrics;
 pub mod network;
+pub mod pages;
+pub mod rpc;
+pub mod sandbox;
+pub mod server;
+pub mod templates;
 pub mod vmm;

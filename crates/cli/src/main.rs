@@ -6,9 +6,11 @@
 //!   built static from the workspace).
 //! - `wrenn hostvm -- CMD...`: run CMD where a usable KVM exists.
 //! - `wrenn kvm-check`: say whether this machine's /dev/kvm can run Linux guests.
+//! - `wrenn agent`: the host agent; `wrenn template build|list|rm`: templates through it.
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod up;
 
 use std::ffi::OsString;
@@ -48,6 +50,10 @@ enum Command {
     Hostvm(HostvmArgs),
     /// Say whether this machine's /dev/kvm can run Linux guests; exits 1 when it cannot.
     KvmCheck,
+    /// Run the host agent: sandboxes on this machine, served as hostagent.v1.
+    Agent(agent::AgentArgs),
+    /// Build, list or delete templates through the agent.
+    Template(agent::TemplateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +148,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Agent(args) => {
+            agent::run_agent(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Template(args) => {
+            agent::run_template(args)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

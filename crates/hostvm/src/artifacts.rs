@@ -11,8 +11,9 @@
 //! /bin/busybox                  from busybox-static; init links the applets at boot
 //! /dev/console                  char 5:1, so that init has a console before devtmpfs
 //! /lib/modules/fs/NN-name.ko    virtio_mmio, 9pnet_virtio, 9p and dependencies, in load order
-//! /lib/modules/kvm/NN-name.ko   kvm, kvm_amd, tun, veth, vhost_vsock and dependencies not loaded
-//!                               before, in load order
+//! /lib/modules/kvm/NN-name.ko   kvm, kvm_amd, tun, veth, nftables (nf_tables, NAT, masquerade,
+//!                               ct, reject), vhost_vsock and dependencies not loaded before, in
+//!                               load order
 //! /proc /sys /run /tmp /wrenn /mnt/host
 //! ```
 
@@ -43,9 +44,26 @@ pub const PACKAGES: &[&str] = &[
 /// Loaded first: what mounting the 9p shares needs.
 pub const FS_MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p"];
 /// Loaded once the per-run share is mounted (so that a failure can be reported through it):
-/// KVM, and what VMs on it use: taps and veth pairs for guest networking, vhost-vsock for QEMU
-/// guests that benchmarks compare against.
-pub const KVM_MODULES: &[&str] = &["kvm", "kvm_amd", "tun", "veth", "vhost_vsock"];
+/// KVM, and what VMs on it use: taps and veth pairs for guest networking, the nftables pieces
+/// of the agent's network slots (NAT chains, DNAT/SNAT, masquerade, conntrack state, reject;
+/// sets and lookups are part of `nf_tables`), vhost-vsock for QEMU guests that benchmarks
+/// compare against.
+pub const KVM_MODULES: &[&str] = &[
+    "kvm",
+    "kvm_amd",
+    "tun",
+    "veth",
+    // libcrc32c (which conntrack and NAT need) asks the crypto API for crc32c when loaded; no
+    // modprobe answers inside the initramfs, so the algorithm must already be there.
+    "crc32c_generic",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_ct",
+    "nft_reject_ipv4",
+    "vhost_vsock",
+];
 /// The VM's PID 1.
 pub const INIT_SCRIPT: &str = include_str!("init.sh");
 

@@ -44,6 +44,8 @@ load() {
 mount -t devtmpfs devtmpfs /dev || say "cannot mount devtmpfs"
 mount -t proc proc /proc || say "cannot mount proc"
 mount -t sysfs sysfs /sys || say "cannot mount sysfs"
+# Loopback: commands serve and connect on 127.0.0.1 (the agent, envd, tests).
+ip link set lo up || say "cannot bring up lo"
 
 opts=trans=virtio,version=9p2000.L,msize=512000
 load fs

@@ -44,6 +44,10 @@ struct Args {
     uid: Option<u32>,
     #[arg(long, requires = "uid")]
     gid: Option<u32>,
+    /// Join this network namespace (e.g. /run/netns/NAME, made by `ip netns add`) before
+    /// anything else, so the VM's tap is looked up there.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -85,10 +89,29 @@ fn bind_api(path: &Path) -> anyhow::Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("binding API socket {}", path.display()))
 }
 
+/// Moves this (still single-threaded) process into the network namespace at `path`. Namespaces
+/// are per thread: threads created afterwards (API, vCPUs) inherit it.
+fn join_netns(path: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("opening network namespace {}", path.display()))?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| {
+        format!(
+            "joining network namespace {} (is it a netns file, and are we root?)",
+            path.display()
+        )
+    })?;
+    tracing::info!(netns = %path.display(), "joined network namespace");
+    Ok(())
+}
+
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Every log line of this process, from every thread, names the VM.
     let span = tracing::info_span!("vm", vm_id = %args.id);
     let _span = span.enter();
+    // First: every thread, socket and tap from here on belongs to the namespace.
+    if let Some(netns) = &args.netns {
+        join_netns(netns)?;
+    }
     if args.api_sock.is_none() && args.config_file.is_none() {
         bail!("give --api-sock PATH, --config-file FILE, or both");
     }
