@@ -55,6 +55,8 @@ const KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.no
 const BOOT_READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a restored envd may take to answer.
 const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a VMM waits for its page server to come back (an agent restart).
+const PAGE_SERVER_GRACE: Duration = Duration::from_secs(60);
 /// SIGTERM to SIGKILL for a VMM that is being stopped.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -662,7 +664,8 @@ impl Manager {
             // Snapshots write into the store by path; everything else is opened before the
             // jail closes.
             keep: vec![self.store.root().to_owned()],
-            page_server_grace: None,
+            // A restarted agent serves memory again on the same socket within this.
+            page_server_grace: Some(PAGE_SERVER_GRACE),
         }
     }
 

@@ -74,7 +74,9 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(data: &Path, run: &Path) -> Agent {
+    /// An agent on `data` and `run`; `pool` names its network slots (agents that run at once
+    /// need their own, or the second would take the first's slots as leftovers).
+    fn start(data: &Path, run: &Path, pool: (&str, [u8; 2])) -> Agent {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -82,6 +84,8 @@ impl Agent {
             .unwrap();
         let mut config = AgentConfig::new(data.to_owned(), run.to_owned(), vmm_binary());
         config.slots.warm = 2;
+        config.slots.name = pool.0.to_owned();
+        config.slots.base = std::net::Ipv4Addr::new(10, pool.1[0], pool.1[1], 0);
         config.reap_interval = Duration::from_millis(200);
         let (manager, addr, stop, server) = rt.block_on(async {
             let manager = Manager::start(config).await.expect("agent start");
@@ -293,7 +297,11 @@ fn shared() -> &'static Agent {
     &AGENT
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
-            let agent = Agent::start(&dir.path().join("data"), &dir.path().join("run"));
+            let agent = Agent::start(
+                &dir.path().join("data"),
+                &dir.path().join("run"),
+                ("wrenn", [11, 0]),
+            );
             let built = agent.build_template(TEMPLATE);
             eprintln!(
                 "template built: boot {} ms, {} prefetch pages",
@@ -379,13 +387,13 @@ fn test_pause_resume_keeps_files_background_process_and_memory() {
     // A counter whose value lives only in the shell's memory, written out as it goes.
     agent.stdout(
         id,
-        "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done' \
-         >/dev/null 2>&1 & echo $! >/tmp/counter.pid",
+        "sh -c 'i=0; while :; do i=$((i+1)); echo $i >/root/count; sleep 0.1; done' \
+         </dev/null >/dev/null 2>&1 & echo $! >/root/counter.pid",
     );
     let wait_count = |at_least: u64| -> u64 {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let text = agent.stdout(id, "cat /tmp/count 2>/dev/null || echo 0");
+            let text = agent.stdout(id, "cat /root/count 2>/dev/null || echo 0");
             let n: u64 = text.trim().parse().unwrap_or(0);
             if n >= at_least {
                 return n;
@@ -395,7 +403,7 @@ fn test_pause_resume_keeps_files_background_process_and_memory() {
         }
     };
     let before = wait_count(3);
-    let pid = agent.stdout(id, "cat /tmp/counter.pid");
+    let pid = agent.stdout(id, "cat /root/counter.pid");
     let paused = agent.pause(id);
     let sandbox = paused.sandbox.as_option().unwrap();
     assert_eq!(
@@ -632,7 +640,8 @@ fn test_restarted_agent_adopts_running_and_paused_sandboxes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (data, run) = (dir.path().join("data"), dir.path().join("run"));
-    let agent = Agent::start(&data, &run);
+    let pool = ("restart", [13, 0]);
+    let agent = Agent::start(&data, &run, pool);
     agent.build_template("restart");
     agent.create("keeps-running", "restart");
     agent.stdout("keeps-running", "echo before >/root/state");
@@ -641,7 +650,7 @@ fn test_restarted_agent_adopts_running_and_paused_sandboxes() {
     agent.pause("stays-paused");
     agent.abandon();
 
-    let agent = Agent::start(&data, &run);
+    let agent = Agent::start(&data, &run, pool);
     let running = agent.get("keeps-running").expect("adopted");
     assert_eq!(
         running.state.as_known(),

@@ -4,9 +4,9 @@
 //! eventfd (a vCPU or device saw the guest end), and the stop eventfd (SIGTERM/SIGINT). Device
 //! subscribers are created when the VM starts; the loop in [`run`] registers them.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use serde_json::json;
@@ -23,6 +23,9 @@ use crate::resources::Resources;
 
 pub const APP_NAME: &str = "Wrenn";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The default for [`Controller::set_page_server_grace`].
+pub const DEFAULT_PAGE_SERVER_GRACE: Duration = Duration::from_secs(30);
 
 const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
@@ -60,9 +63,17 @@ pub struct Controller {
     machine: Option<Machine>,
     /// The store layer guest memory equals, after a layered snapshot or restore.
     lineage: crate::snapshot::Lineage,
-    /// The page server serving guest memory, after a Uffd restore, and whether the loop
-    /// watches its connection yet.
-    pager: Option<(crate::snapshot::uffd::UffdBackend, bool)>,
+    /// The page server serving guest memory, after a Uffd restore, until its watching thread
+    /// starts with the vCPUs.
+    pager: Option<crate::snapshot::uffd::UffdBackend>,
+    /// The userfaultfd, held once the watching thread has the backend, until [`shutdown`]
+    /// has stopped the vCPUs: a page server gone for good must hang faults, never turn them
+    /// into zeros that a running guest could see.
+    ///
+    /// [`shutdown`]: Controller::shutdown
+    uffd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// How long a page server that hung up has to come back before the VM stops.
+    page_server_grace: Duration,
     paused: bool,
     exits: Arc<ExitNotifier>,
     exit_rx: mpsc::Receiver<VmExit>,
@@ -99,6 +110,8 @@ impl Controller {
             machine: None,
             lineage: None,
             pager: None,
+            uffd: None,
+            page_server_grace: DEFAULT_PAGE_SERVER_GRACE,
             paused: false,
             exits: Arc::new(exits),
             exit_rx,
@@ -112,6 +125,12 @@ impl Controller {
             created: Instant::now(),
             boot_started: None,
         })
+    }
+
+    /// How long a page server (after a Uffd restore) that hung up may take to come back on
+    /// the same socket before the VM stops; zero stops at once.
+    pub fn set_page_server_grace(&mut self, grace: Duration) {
+        self.page_server_grace = grace;
     }
 
     /// An fd that, written, stops the VM (for the SIGTERM handler).
@@ -182,6 +201,16 @@ impl Controller {
         let plan = self.jail_plan()?;
         crate::jail::confine(&plan).map_err(|e| crate::diag::error_chain(&e))?;
         let seccomp = self.confinement.seccomp;
+        // Born inside the jail, and before the VMM filter (which forbids new threads).
+        if let Some(backend) = self.pager.take() {
+            self.uffd = Some(backend.uffd.clone());
+            let exits = self.exits.clone();
+            backend
+                .watch(self.page_server_grace, seccomp, move |reason| {
+                    exits.report(VmExit::Error(reason));
+                })
+                .map_err(|e| format!("starting the page server thread: {e}"))?;
+        }
         if let Some(machine) = &mut self.machine {
             machine
                 .start_vcpus(&self.exits, seccomp)
@@ -225,6 +254,16 @@ impl Controller {
                 .parent()
                 .map(ToOwned::to_owned)
         }) {
+            plan = plan.keep(dir, Access::ReadWrite);
+        }
+        // A page server that hung up is reconnected to by path: keep its socket's directory
+        // (not the socket itself: a new server binds a new socket file there).
+        if let Some(dir) = self
+            .pager
+            .as_ref()
+            .and_then(|p| p.socket.parent().filter(|d| !d.as_os_str().is_empty()))
+            .filter(|_| !self.page_server_grace.is_zero())
+        {
             plan = plan.keep(dir, Access::ReadWrite);
         }
         // FlushMetrics appends to this file: it must exist to be kept.
@@ -379,7 +418,7 @@ impl Controller {
         self.paused = restored.machine.start_paused;
         self.machine = Some(restored.machine);
         self.pending_subscribers = restored.subscribers;
-        self.pager = restored.uffd.map(|u| (u, false));
+        self.pager = restored.uffd;
         self.lineage = restored.lineage;
         self.counters.restores += 1;
         self.counters.last_restore_ms = millis(started);
@@ -389,25 +428,6 @@ impl Controller {
             "VM restored"
         );
         ApiResponse::NoContent
-    }
-
-    /// The page server holds its end of the connection for as long as it serves this VM: an
-    /// end-of-file means no missing page will ever arrive again.
-    fn check_pager(&mut self) {
-        let Some((backend, _)) = &self.pager else {
-            return;
-        };
-        let mut buf = [0u8; 64];
-        match (&backend.connection).read(&mut buf) {
-            Ok(n) if n > 0 => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Ok(_) | Err(_) => {
-                tracing::error!("the page server closed its connection; stopping the VM");
-                self.exit.get_or_insert(VmExit::Error(
-                    "the page server serving guest memory went away".into(),
-                ));
-            }
-        }
     }
 
     fn set_vm_state(&mut self, state: VmState) -> ApiResponse {
@@ -496,11 +516,23 @@ impl Controller {
         self.exit.as_ref()
     }
 
-    /// Stops the vCPUs and releases the VM.
+    /// Stops the vCPUs, then lets go of the userfaultfd, then releases the VM, in that order.
+    ///
+    /// The order matters after a lazy restore whose page server is gone: a guest with KVM
+    /// async page faults hands a missing page to a kernel worker, which sleeps in the
+    /// userfaultfd where no signal reaches it; destroying the VM waits for that worker, so
+    /// with the userfaultfd still open the VMM would sleep in `D` state forever. Closing our
+    /// last copy of the userfaultfd (the `wrenn-uffd` thread has dropped its own once it gave
+    /// up) wakes every waiter, and the page then fills as plain anonymous memory. That is
+    /// harmless only because no vCPU runs any more, hence after `stop`.
     pub fn shutdown(&mut self) {
-        if let Some(mut machine) = self.machine.take() {
+        let machine = self.machine.take().map(|mut machine| {
             machine.stop();
-        }
+            machine
+        });
+        self.pager = None;
+        self.uffd = None;
+        drop(machine);
     }
 }
 
@@ -518,7 +550,6 @@ fn json_of<T: serde::Serialize>(value: &T) -> ApiResponse {
 const TOKEN_API: u32 = 1;
 const TOKEN_EXIT: u32 = 2;
 const TOKEN_STOP: u32 = 3;
-const TOKEN_PAGER: u32 = 4;
 
 impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
@@ -534,26 +565,9 @@ impl MutEventSubscriber for Controller {
         add(&self.stop, TOKEN_STOP);
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
-            TOKEN_API => {
-                self.serve_api();
-                if let Some((backend, watched)) = &mut self.pager
-                    && !*watched
-                {
-                    let _ = backend.connection.set_nonblocking(true);
-                    let watch = Events::with_data(
-                        &backend.connection,
-                        TOKEN_PAGER,
-                        EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP,
-                    );
-                    if let Err(e) = ops.add(watch) {
-                        tracing::error!(error = ?e, "watching the page server connection");
-                    }
-                    *watched = true;
-                }
-            }
-            TOKEN_PAGER => self.check_pager(),
+            TOKEN_API => self.serve_api(),
             TOKEN_EXIT => {
                 let _ = self.exits.event().read();
                 if let Ok(exit) = self.exit_rx.try_recv() {

@@ -48,6 +48,10 @@ struct Args {
     /// anything else, so the VM's tap is looked up there.
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
+    /// After a lazy (Uffd) restore: how long a page server that hung up has to come back on
+    /// the same socket before the VM stops; 0 stops at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    page_server_grace: u64,
 }
 
 fn main() -> ExitCode {
@@ -175,7 +179,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
-    let controller = Controller::new(args.id.clone(), api, confinement)?;
+    let mut controller = Controller::new(args.id.clone(), api, confinement)?;
+    controller.set_page_server_grace(std::time::Duration::from_secs(args.page_server_grace));
     wrenn_vmm::lifecycle::stop_on_signals(controller.stop_event()?)
         .map_err(|e| anyhow::anyhow!("installing the SIGTERM/SIGINT handler: {e}"))?;
     let controller = Arc::new(Mutex::new(controller));

@@ -1,6 +1,6 @@
 //! Seccomp filters: one allowlist per kind of thread in the VMM process.
 //!
-//! A guest that breaks out of KVM into the VMM lands in one of three kinds of thread, and each
+//! A guest that breaks out of KVM into the VMM lands in one of four kinds of thread, and each
 //! gets only the system calls its job needs (see `CONFINEMENT.md` for the lists and why):
 //!
 //! ```text
@@ -12,6 +12,9 @@
 //!                                       TUNSETOFFLOAD, console writes
 //!  VMM (main)      after the vCPUs    device I/O on open fds, epoll, AF_UNIX sockets,
 //!                  are running          appending to the metrics file, unlinking sockets
+//!  page server     at its start       recv on its connection; AF_UNIX socket, connect,
+//!   link (uffd)     (Uffd restores)     sendmsg (handing the userfaultfd over again),
+//!                                       ioctl UFFDIO_WAKE
 //! ```
 //!
 //! A filter is installed on the calling thread only (no `TSYNC`); threads it spawns later
@@ -40,16 +43,24 @@ pub enum ThreadKind {
     Api,
     /// One thread per vCPU, looping on `KVM_RUN`.
     Vcpu,
+    /// After a lazy (Uffd) restore: watches the page server's connection and reconnects.
+    Pager,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu];
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vmm,
+        ThreadKind::Api,
+        ThreadKind::Vcpu,
+        ThreadKind::Pager,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Api => "api",
             ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Pager => "pager",
         }
     }
 }
@@ -583,11 +594,33 @@ fn vcpu() -> Vec<Allowed> {
     list
 }
 
+/// The page-server link (`snapshot::uffd`): waits for the connection to hang up, then
+/// connects again and hands over the same userfaultfd, and wakes the faulting threads.
+fn pager() -> Vec<Allowed> {
+    let mut list = runtime_basics();
+    list.extend([
+        // Waiting for the hang-up (`UnixStream` reads use `recv`).
+        allow(sys!(SYS_recvfrom)),
+        // Reconnecting: a unix socket only, and the handshake with the fd attached.
+        arg_in(sys!(SYS_socket), 0, &[c(libc::AF_UNIX)]),
+        allow(sys!(SYS_connect)),
+        allow(sys!(SYS_sendmsg)),
+        // Waking faulting threads so the new page server sees their faults.
+        arg_in(
+            sys!(SYS_ioctl),
+            1,
+            &[crate::snapshot::uffd::uffdio_wake_request()],
+        ),
+    ]);
+    list
+}
+
 fn allowlist(kind: ThreadKind) -> Vec<Allowed> {
     match kind {
         ThreadKind::Vmm => vmm(),
         ThreadKind::Api => api(),
         ThreadKind::Vcpu => vcpu(),
+        ThreadKind::Pager => pager(),
     }
 }
 
@@ -934,6 +967,33 @@ mod tests {
             verdict(ThreadKind::Vcpu, socket, &[c(libc::AF_UNIX), 1]),
             KILL
         );
+    }
+
+    #[test]
+    fn test_pager_link_reconnects_over_unix_sockets_and_wakes_only() {
+        let kind = ThreadKind::Pager;
+        let socket = nr(libc::SYS_socket);
+        assert_eq!(verdict(kind, socket, &[c(libc::AF_UNIX), 1]), ALLOW);
+        assert_eq!(verdict(kind, socket, &[c(libc::AF_INET), 1]), KILL);
+        for call in [libc::SYS_connect, libc::SYS_sendmsg, libc::SYS_recvfrom] {
+            assert_eq!(verdict(kind, nr(call), &[3, 0, 0]), ALLOW, "{call}");
+        }
+        let ioctl = nr(libc::SYS_ioctl);
+        let wake = crate::snapshot::uffd::uffdio_wake_request();
+        assert_eq!(verdict(kind, ioctl, &[3, wake]), ALLOW);
+        // No other ioctl (FIONBIO, KVM_RUN), no opening files, no threads, no accept.
+        assert_eq!(verdict(kind, ioctl, &[3, c(libc::FIONBIO)]), KILL);
+        assert_eq!(verdict(kind, ioctl, &[3, kvm::KVM_RUN()]), KILL);
+        for call in [
+            libc::SYS_openat,
+            libc::SYS_clone,
+            libc::SYS_accept4,
+            libc::SYS_read,
+        ] {
+            assert_eq!(verdict(kind, nr(call), &[0, 0, 0]), KILL, "{call}");
+        }
+        // The wake request is UFFDIO_WAKE: _IOR(0xAA, 0x02, 16 bytes).
+        assert_eq!(wake, 0x8010_aa02);
     }
 
     #[test]

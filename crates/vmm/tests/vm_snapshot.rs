@@ -718,3 +718,185 @@ fn test_second_resume_of_a_build_is_prefetched_from_the_first() {
         faults[1]
     );
 }
+
+/// Like [`restore`], with extra `wrenn-vmm` flags.
+fn restore_with_flags(load: serde_json::Value, flags: &[&str]) -> Vmm {
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let console = dir.path().join("console.log");
+    let child = std::process::Command::new(support::VMM)
+        .arg("--api-sock")
+        .arg(&api)
+        .arg("--id")
+        .arg("test-vm")
+        .args(flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("vmm.log")).unwrap())
+        .spawn()
+        .expect("spawn wrenn-vmm");
+    let vmm = Vmm {
+        child,
+        dir,
+        api,
+        console,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&vmm.api).is_err() {
+        assert!(Instant::now() < deadline, "API socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let serial = serde_json::json!({ "serial_out_path": vmm.console });
+    vmm.put_ok("/serial", &serial.to_string());
+    vmm.put_ok("/snapshot/load", &load.to_string());
+    vmm
+}
+
+/// Kills a page server and removes its socket file (a SIGKILLed server leaves it behind, and
+/// a new one refuses to bind over it).
+fn kill_pager(mut pager: std::process::Child, socket: &Path) {
+    pager.kill().unwrap();
+    pager.wait().unwrap();
+    let _ = std::fs::remove_file(socket);
+}
+
+#[test]
+fn test_page_server_restart_within_grace_keeps_the_guest_running_and_none_stops_it() {
+    if !probe::usable_for_test(
+        "test_page_server_restart_within_grace_keeps_the_guest_running_and_none_stops_it",
+    ) {
+        return;
+    }
+    // Every round writes 256 KiB more into guest memory (tmpfs), so the guest keeps touching
+    // pages it never touched before: it cannot count on without a page server.
+    let grower = "i=0\nwhile :; do i=$((i+1)); \
+        dd if=/dev/zero of=/dev/shm/f$i bs=64k count=4 2>/dev/null; \
+        echo COUNT=$i; sleep 0.2; done\n";
+    let mut vmm = boot_test_image(128, grower, false);
+    wait_values(&mut vmm, "COUNT", 3);
+    pause(&vmm);
+    let store = vmm.path("store");
+    std::fs::create_dir(&store).unwrap();
+    let build = new_build_id();
+    layered_snapshot(&vmm, &store, &build, "Full");
+    let _dir = kill(vmm);
+
+    // Its own directory, as the jail keeps the socket's directory for reconnecting.
+    let pager_dir = store.join("pager");
+    std::fs::create_dir(&pager_dir).unwrap();
+    let socket = pager_dir.join("pager.sock");
+    let pager = start_pager(&socket, &store, &build, &store.join("pager1.log"));
+    let mut restored = restore_with_flags(
+        serde_json::json!({
+            "layers": {"store": store, "build_id": build},
+            "mem_backend": {"backend_type": "Uffd", "backend_path": socket},
+            "drive_overrides": root_override(),
+            "resume_vm": true,
+        }),
+        &["--page-server-grace", "15"],
+    );
+    wait_values(&mut restored, "COUNT", 3);
+
+    // The page server dies; the VMM retries while the guest waits; a new server on the same
+    // path takes the VM back and the guest goes on.
+    kill_pager(pager, &socket);
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while !restored.log().contains("page server not back yet") {
+        assert!(Instant::now() < deadline, "no retry:\n{}", restored.log());
+        assert!(
+            restored.child.try_wait().unwrap().is_none(),
+            "{}",
+            restored.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = values(&restored.console_text(), "COUNT").len();
+    let pager = start_pager(&socket, &store, &build, &store.join("pager2.log"));
+    let after = wait_values(&mut restored, "COUNT", seen + 5);
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count skipped or went back: {after:?}"
+    );
+    assert!(
+        restored.log().contains("page server reconnected"),
+        "{}",
+        restored.log()
+    );
+    let (_, info) = restored.request("GET", "/", None);
+    assert!(info.contains("Running"), "{info}");
+
+    // Gone for good: after the grace the VMM stops with the page-server error.
+    kill_pager(pager, &socket);
+    let gone = Instant::now();
+    let status = wait_exit_or_report(&mut restored, Duration::from_secs(90));
+    assert!(
+        !status.success(),
+        "the VMM must fail without its page server"
+    );
+    assert!(
+        gone.elapsed() >= Duration::from_secs(14),
+        "stopped after {:?}, before the grace ran out",
+        gone.elapsed()
+    );
+    let log = restored.log();
+    assert!(
+        log.contains("the page server serving guest memory went away"),
+        "{log}"
+    );
+}
+
+/// Waits for the VMM to exit. Past `timeout` the test fails with where each of its threads
+/// sleeps, and leaves the process be: a VMM stuck in uninterruptible sleep (a kernel worker
+/// waiting on a page nobody serves) would hang the test's own kill and wait.
+fn wait_exit_or_report(vmm: &mut Vmm, timeout: Duration) -> std::process::ExitStatus {
+    let pid = vmm.child.id();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = vmm.child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let report = thread_report(pid);
+            let log = vmm.log();
+            let _ = vmm.child.kill();
+            std::thread::sleep(Duration::from_secs(2));
+            if vmm.child.try_wait().unwrap().is_none() {
+                // Unkillable: dropping the handle would wait for it forever.
+                std::mem::forget(std::mem::replace(&mut vmm.child, spawn_true()));
+            }
+            panic!("the VMM did not exit within {timeout:?}; its threads:\n{report}\nlog:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An already finished child, to stand in for one the test gives up on.
+fn spawn_true() -> std::process::Child {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    child
+}
+
+/// Each thread of `pid`: name, state, wait channel and kernel stack (root only).
+fn thread_report(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("process {pid} is gone\n");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .unwrap_or('?');
+        out.push_str(&format!(
+            "task {} {} state={state} wchan={}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    out
+}
