@@ -174,7 +174,8 @@ fn call() -> CallOptions {
 async fn measure(vmm: PathBuf, runs: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut config = AgentConfig::new(dir.path().join("data"), dir.path().join("run"), vmm);
-    config.slots.warm = (PARALLEL + 2) as u32;
+    // Enough warm slots for the parallel creates.
+    config.slots.warm = 10;
     let manager = Manager::start(config.clone())
         .await
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
@@ -211,19 +212,19 @@ async fn measure(vmm: PathBuf, runs: usize) -> Result<()> {
     );
 
     // 1. create against the raw restore.
+    // A pool of its own (name and range): the agent's pool would take its slots as leftovers.
     let slots = SlotPool::new(wrenn_agent::network::SlotPoolConfig {
         base: std::net::Ipv4Addr::new(10, 12, 0, 0),
+        name: "benchraw".into(),
         ..config.slots.clone()
     })
     .await
     .map_err(|e| anyhow::anyhow!("a slot pool for the raw restores: {e}"))?;
     let store = config.data_dir.join("store");
     let pages = Pages::new(&store);
-    let mut n = 0;
     for round in 0..=runs {
         let raw = raw_restore(&config, &slots, &pages, &store, &template.build_id, round).await?;
-        let id = format!("bench-{n}");
-        n += 1;
+        let id = format!("bench-{round}");
         let started = Instant::now();
         create(&client, &id).await?;
         let took = started.elapsed();

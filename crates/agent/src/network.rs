@@ -355,6 +355,15 @@ pub struct Egress {
     pub deny: Vec<String>,
 }
 
+impl Egress {
+    /// Checks every entry; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), NetworkError> {
+        parse_list("allow", &self.allow)?;
+        parse_list("deny", &self.deny)?;
+        Ok(())
+    }
+}
+
 /// An IPv4 network, normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Net {
@@ -1168,14 +1177,5 @@ mod tests {
         let both = egress_batch(&nets(&["10.0.0.0/8", "10.0.0.0/8"]), &nets(&["1.1.1.1"]));
         assert!(both.contains("allow { 10.0.0.0/8 }"), "{both}");
         assert!(both.find("@deny") < both.find("@allow"), "{both}");
-    }
-}
-
-impl Egress {
-    /// Checks every entry; the error names the first bad one.
-    pub fn validate(&self) -> Result<(), NetworkError> {
-        parse_list("allow", &self.allow)?;
-        parse_list("deny", &self.deny)?;
-        Ok(())
     }
 }

@@ -217,7 +217,7 @@ impl HostAgent for HostAgentService {
         _ctx: RequestContext,
         request: ServiceRequest<'_, DestroySandboxRequest>,
     ) -> ServiceResult<DestroySandboxResponse> {
-        let id = required(&request.sandbox_id, "sandbox_id")?.to_owned();
+        let id = required(request.sandbox_id, "sandbox_id")?.to_owned();
         self.manager.destroy(&id).await.map_err(error)?;
         Ok(Response::new(DestroySandboxResponse::default()))
     }
@@ -241,7 +241,7 @@ impl HostAgent for HostAgentService {
     ) -> ServiceResult<GetSandboxResponse> {
         let record = self
             .manager
-            .get(required(&request.sandbox_id, "sandbox_id")?)
+            .get(required(request.sandbox_id, "sandbox_id")?)
             .map_err(error)?;
         Ok(Response::new(GetSandboxResponse {
             sandbox: sandbox_message(&record).into(),
@@ -254,7 +254,7 @@ impl HostAgent for HostAgentService {
         _ctx: RequestContext,
         request: ServiceRequest<'_, PauseSandboxRequest>,
     ) -> ServiceResult<PauseSandboxResponse> {
-        let id = required(&request.sandbox_id, "sandbox_id")?.to_owned();
+        let id = required(request.sandbox_id, "sandbox_id")?.to_owned();
         let (record, bytes_written) = self.manager.pause(&id).await.map_err(error)?;
         Ok(Response::new(PauseSandboxResponse {
             sandbox: sandbox_message(&record).into(),
@@ -268,7 +268,7 @@ impl HostAgent for HostAgentService {
         _ctx: RequestContext,
         request: ServiceRequest<'_, ResumeSandboxRequest>,
     ) -> ServiceResult<ResumeSandboxResponse> {
-        let id = required(&request.sandbox_id, "sandbox_id")?.to_owned();
+        let id = required(request.sandbox_id, "sandbox_id")?.to_owned();
         let record = self
             .manager
             .resume(&id, request.timeout_seconds)
@@ -288,7 +288,7 @@ impl HostAgent for HostAgentService {
         let record = self
             .manager
             .set_timeout(
-                required(&request.sandbox_id, "sandbox_id")?,
+                required(request.sandbox_id, "sandbox_id")?,
                 request.timeout_seconds,
             )
             .map_err(error)?;
@@ -412,8 +412,8 @@ impl HostAgent for HostAgentService {
         let template = self
             .manager
             .create_snapshot(
-                required(&request.sandbox_id, "sandbox_id")?,
-                required(&request.name, "name")?,
+                required(request.sandbox_id, "sandbox_id")?,
+                required(request.name, "name")?,
             )
             .await
             .map_err(error)?;
@@ -429,7 +429,7 @@ impl HostAgent for HostAgentService {
         request: ServiceRequest<'_, DeleteSnapshotRequest>,
     ) -> ServiceResult<DeleteSnapshotResponse> {
         self.manager
-            .delete_snapshot(required(&request.name, "name")?)
+            .delete_snapshot(required(request.name, "name")?)
             .await
             .map_err(error)?;
         Ok(Response::new(DeleteSnapshotResponse::default()))
@@ -469,7 +469,7 @@ impl HostAgent for HostAgentService {
         let kernel = if request.kernel_path.is_empty() {
             self.images
                 .kernel()
-                .map_err(|e| ConnectError::failed_precondition(e))?
+                .map_err(ConnectError::failed_precondition)?
         } else {
             PathBuf::from(&request.kernel_path)
         };

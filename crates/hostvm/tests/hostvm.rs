@@ -194,15 +194,18 @@ fn test_hostvm_whose_heartbeat_stops_is_killed_as_frozen_with_its_state() {
     // The command keeps talking but stops init's heartbeat loop (the parent of its `sleep 3`),
     // which is what a frozen VM looks like from the host.
     let script = r#"
+        echo tick
         for p in /proc/[0-9]*; do
             if [ "$(tr '\0' ' ' <$p/cmdline 2>/dev/null)" = "sleep 3 " ]; then
                 kill -STOP "$(cut -d' ' -f4 $p/stat)"
+                break
             fi
         done
         while :; do echo tick; sleep 1; done"#;
     let spec = CommandSpec::new(["sh", "-c", script]);
     let mut options = RunOptions::new(Placement::HostVm).timeout(Duration::from_secs(120));
-    options.heartbeat_timeout = Duration::from_secs(6);
+    // Long enough for the scan above on a busy machine, short enough for a test.
+    options.heartbeat_timeout = Duration::from_secs(15);
     let started = Instant::now();
     let (result, out, _) = run_captured(&spec, &options);
     let took = started.elapsed();
