@@ -551,17 +551,7 @@ impl Manager {
     ) -> Result<Running, ManagerError> {
         let id = &record.sandbox_id;
         let build = parse_build(&record.build_id)?;
-        let slot = self.slots.acquire().await.map_err(|e| {
-            ManagerError::new(
-                ErrorCode::ResourceExhausted,
-                format!("no network slot for sandbox {id:?}: {}", chain(&e)),
-            )
-        })?;
-        let mut starting = Starting {
-            slot: Some(slot),
-            vmm: None,
-            pages: None,
-        };
+        let mut starting = self.begin(id).await?;
         match self
             .restore_into(record, build, egress, current_token, &mut starting)
             .await
@@ -589,11 +579,8 @@ impl Manager {
         starting: &mut Starting,
     ) -> Result<EnvdClient, ManagerError> {
         let id = &record.sandbox_id;
-        let slot = starting.slot.as_ref().expect("a slot");
+        let slot = starting.slot.as_ref().expect("begin takes a slot");
         let vmm_dir = self.vmm_dir(id);
-        let _ = std::fs::remove_dir_all(&vmm_dir);
-        std::fs::create_dir_all(&vmm_dir)
-            .map_err(|e| ManagerError::internal("creating the VMM directory", &e))?;
         let overlay = self.sandbox_dir(id).join("rootfs.overlay");
         let _ = std::fs::remove_file(&overlay);
         let uffd_socket = vmm_dir.join("uffd.sock");
@@ -1120,6 +1107,29 @@ impl Manager {
         Ok(kept)
     }
 
+    /// A slot and an empty VMM directory for `id`: the start of every VM the agent runs.
+    async fn begin(&self, id: &str) -> Result<Starting, ManagerError> {
+        let slot = self.slots.acquire().await.map_err(|e| {
+            ManagerError::new(
+                ErrorCode::ResourceExhausted,
+                format!("no network slot for {id:?}: {}", chain(&e)),
+            )
+        })?;
+        let starting = Starting {
+            slot: Some(slot),
+            vmm: None,
+            pages: None,
+        };
+        let dir = self.vmm_dir(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            let mut starting = starting;
+            starting.abort(&self.slots).await;
+            return Err(ManagerError::internal("creating the VMM directory", &e));
+        }
+        Ok(starting)
+    }
+
     async fn boot_and_snapshot(
         &self,
         request: &BuildRequest,
@@ -1127,23 +1137,10 @@ impl Manager {
         image_build: BuildId,
         build: BuildId,
     ) -> Result<Duration, ManagerError> {
-        let slot = self.slots.acquire().await.map_err(|e| {
-            ManagerError::new(
-                ErrorCode::ResourceExhausted,
-                format!("no network slot: {}", chain(&e)),
-            )
-        })?;
-        let mut starting = Starting {
-            slot: Some(slot),
-            vmm: None,
-            pages: None,
-        };
+        let mut starting = self.begin(work_id).await?;
+        let dir = self.vmm_dir(work_id);
         let result = async {
-            let slot = starting.slot.as_ref().expect("a slot");
-            let dir = self.vmm_dir(work_id);
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| ManagerError::internal("creating the VMM directory", &e))?;
+            let slot = starting.slot.as_ref().expect("begin takes a slot");
             let started = Instant::now();
             let vmm = Vmm::spawn(self.vmm_config(work_id, slot)).await.map_err(|e| {
                 ManagerError::new(ErrorCode::Internal, format!("starting wrenn-vmm: {}", chain(&e)))
@@ -1213,23 +1210,10 @@ impl Manager {
     /// Restores a new template once, recording the pages the restore and envd's first answers
     /// touch; they are saved as the build's prefetch set.
     async fn record_prefetch(&self, work_id: &str, build: BuildId) -> Result<usize, ManagerError> {
-        let slot = self.slots.acquire().await.map_err(|e| {
-            ManagerError::new(
-                ErrorCode::ResourceExhausted,
-                format!("no network slot: {}", chain(&e)),
-            )
-        })?;
-        let mut starting = Starting {
-            slot: Some(slot),
-            vmm: None,
-            pages: None,
-        };
+        let mut starting = self.begin(work_id).await?;
+        let dir = self.vmm_dir(work_id);
         let result = async {
-            let slot = starting.slot.as_ref().expect("a slot");
-            let dir = self.vmm_dir(work_id);
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| ManagerError::internal("creating the VMM directory", &e))?;
+            let slot = starting.slot.as_ref().expect("begin takes a slot");
             let uffd_socket = dir.join("uffd.sock");
             starting.pages = Some(
                 self.pages

@@ -4,6 +4,8 @@
 //! One agent (and one template built from the test image) serves every test but the restart
 //! test, which runs an agent of its own and restarts it.
 
+mod support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -23,23 +25,6 @@ const TEMPLATE: &str = "test";
 /// Calls that boot or restore VMs are slow in the host VM.
 const SLOW: Duration = Duration::from_secs(300);
 
-fn vmm_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WRENN_VMM").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("wrenn-vmm");
-    assert!(
-        path.is_file(),
-        "no wrenn-vmm at {} (cargo build -p wrenn-vmm)",
-        path.display()
-    );
-    path
-}
 
 /// The cache's kernel and test image.
 #[derive(Debug)]
@@ -82,7 +67,7 @@ impl Agent {
             .enable_all()
             .build()
             .unwrap();
-        let mut config = AgentConfig::new(data.to_owned(), run.to_owned(), vmm_binary());
+        let mut config = AgentConfig::new(data.to_owned(), run.to_owned(), support::vmm_binary());
         config.slots.warm = 2;
         config.slots.name = pool.0.to_owned();
         config.slots.base = std::net::Ipv4Addr::new(10, pool.1[0], pool.1[1], 0);

@@ -9,9 +9,11 @@
 //! It drives the `wrenn-vmm` binary of the same target directory (`WRENN_VMM` to name another)
 //! and needs the kernel and the test image holding the current static envd (`WRENN_ENVD`).
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,23 +32,6 @@ const ENVD_READY: &str = "envd: ready";
 const BASE_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux \
                          i8042.dumbkbd";
 
-fn vmm_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WRENN_VMM").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("wrenn-vmm"))
-        .unwrap();
-    assert!(
-        path.is_file(),
-        "no wrenn-vmm at {} (cargo build -p wrenn-vmm, or set WRENN_VMM)",
-        path.display()
-    );
-    path
-}
 
 /// `wrenn-vmm` in the slot's namespace, booting the test image with envd as PID 1.
 struct Vm {
@@ -85,7 +70,7 @@ impl Vm {
         std::fs::write(&config_path, config.to_string()).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", slot.netns_name()])
-            .arg(vmm_binary())
+            .arg(support::vmm_binary())
             .arg("--no-jail")
             .arg("--config-file")
             .arg(&config_path)

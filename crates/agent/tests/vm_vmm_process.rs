@@ -5,6 +5,8 @@
 //! Needs `cargo build -p wrenn-vmm` (the binary next to this test's target directory, or
 //! `WRENN_VMM_BIN`) and the guest artifacts (`cargo xtask guest`).
 
+mod support;
+
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,44 +17,15 @@ use wrenn_agent::vmm::{
     BootSpec, DriveSource, DriveSpec, MemorySource, NetSpec, RestoreSpec, SnapshotKind,
     SnapshotSpec, Vmm, VmmConfig, VmmError,
 };
-use wrenn_image::cache::Cache;
-use wrenn_image::rootfs::{self, IMAGE_FILE, ImageKind};
+use wrenn_image::rootfs::ImageKind;
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The guest counts in a shell variable (guest memory only) and prints every value.
 const COUNTER: &str = "i=0\nwhile :; do i=$((i+1)); echo COUNT=$i; sleep 0.2; done\n";
 
-fn vmm_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WRENN_VMM_BIN") {
-        return PathBuf::from(path);
-    }
-    // target/debug/deps/<test> -> target/debug/wrenn-vmm
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("wrenn-vmm");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build -p wrenn-vmm (or set WRENN_VMM_BIN)",
-        path.display()
-    );
-    path
-}
 
-fn kernel() -> PathBuf {
-    wrenn_image::kernel::find(&Cache::from_env())
-        .expect("guest kernel (run `cargo xtask guest`)")
-        .file("vmlinux")
-}
 
-fn test_image() -> PathBuf {
-    rootfs::find(&Cache::from_env(), ImageKind::Test)
-        .expect("guest image (run `cargo xtask guest`)")
-        .file(IMAGE_FILE)
-}
 
 fn boot_args(script: &str) -> String {
     format!(
@@ -101,7 +74,7 @@ impl Drop for Slot {
 
 fn config(id: &str, run_dir: &Path, netns: Option<&Path>, keep: &[&Path]) -> VmmConfig {
     VmmConfig {
-        binary: vmm_binary(),
+        binary: support::vmm_binary(),
         sandbox_id: id.into(),
         run_dir: run_dir.to_owned(),
         netns: netns.map(Path::to_owned),
@@ -154,7 +127,7 @@ async fn test_boot_snapshot_stop_restore_through_the_pager_adopt_and_refusals() 
     let store = root.path().join("store");
     std::fs::create_dir(&store).unwrap();
     let slot = Slot::new();
-    let image = test_image();
+    let image = support::image(ImageKind::Test);
 
     // Boot inside the slot: the tap exists only in its namespace.
     let run_a = root.path().join("a");
@@ -173,7 +146,7 @@ async fn test_boot_snapshot_stop_restore_through_the_pager_adopt_and_refusals() 
     );
     let console_a = run_a.join("console.log");
     let boot = BootSpec {
-        kernel: kernel(),
+        kernel: support::kernel(),
         boot_args: boot_args(COUNTER),
         initrd: None,
         vcpus: 1,
