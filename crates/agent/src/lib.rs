@@ -15,5 +15,6 @@ pub mod pages;
 pub mod rpc;
 pub mod sandbox;
 pub mod server;
+pub mod storage;
 pub mod templates;
 pub mod vmm;
