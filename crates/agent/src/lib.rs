@@ -5,7 +5,8 @@
 //! `vmm` (one `wrenn-vmm` process and its API socket), `envd` (the client of the daemon inside
 //! each guest), `pages` (the page server shared by every sandbox), `templates` (named
 //! snapshots), `sandbox` (one sandbox's record and states), `manager` (everything the RPCs do),
-//! `metrics`, `rpc` (the Connect service), `server` (the listener).
+//! `storage` (templates and paused sandboxes shared through an object store), `metrics`,
+//! `rpc` (the Connect service), `server` (the listener).
 
 pub mod envd;
 pub mod manager;

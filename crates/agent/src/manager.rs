@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::network::{Egress, Slot, SlotPool, SlotPoolConfig};
 use crate::pages::Pages;
 use crate::sandbox::{self, EgressRules, Record, State};
+use crate::storage::{RecordKind, Remote, Storage};
 use crate::templates::{self, Template, TemplateStore};
 use crate::vmm::{
     BootSpec, DriveSource, DriveSpec, MemorySource, NetSpec, RestoreSpec, SnapshotKind,
@@ -77,12 +78,13 @@ pub struct AgentConfig {
     /// The host's own, for refusing one sandbox bigger than the machine.
     pub host_vcpus: u32,
     pub host_memory_mib: u64,
-    /// Confine VMMs (their jail and seccomp filters).
-    pub confine: bool,
     /// Bytes of stdout (and of stderr) a unary Exec returns.
     pub exec_output_limit: usize,
     /// How often the reaper looks for expired sandboxes.
     pub reap_interval: Duration,
+    /// An object store that templates and paused sandboxes are shared through (so another
+    /// host can start or resume them); `Remote::None` keeps everything on this host.
+    pub remote: Remote,
 }
 
 impl AgentConfig {
@@ -100,9 +102,9 @@ impl AgentConfig {
             memory_mib_total: host_memory_mib.saturating_mul(8),
             host_vcpus,
             host_memory_mib,
-            confine: true,
             exec_output_limit: 16 << 20,
             reap_interval: Duration::from_secs(1),
+            remote: Remote::None,
         }
     }
 }
@@ -254,6 +256,7 @@ pub struct Manager {
     config: AgentConfig,
     store: Store,
     templates: TemplateStore,
+    storage: Storage,
     slots: SlotPool,
     pages: Pages,
     sandboxes: RwLock<HashMap<String, Arc<Entry>>>,
@@ -280,6 +283,8 @@ impl Manager {
                 .map_err(|e| ManagerError::internal(&format!("creating {}", dir.display()), &e))?;
         }
         let store = Store::new(config.data_dir.join("store"));
+        let storage = Storage::new(&config.remote, store.root())
+            .map_err(|e| ManagerError::new(ErrorCode::InvalidArgument, chain(&e)))?;
         let templates = TemplateStore::open(&config.data_dir.join("templates"))?;
         let records = load_records(&config.data_dir.join("sandboxes"));
         let in_use: Vec<u32> = records
@@ -299,6 +304,7 @@ impl Manager {
         let manager = Arc::new(Manager {
             pages: Pages::new(store.root()),
             store,
+            storage,
             templates,
             slots,
             sandboxes: RwLock::new(HashMap::new()),
@@ -393,7 +399,7 @@ impl Manager {
     pub async fn create(&self, request: CreateRequest) -> Result<Record, ManagerError> {
         let started = Instant::now();
         sandbox::validate_id(&request.sandbox_id)?;
-        let template = self.templates.get(&request.template)?;
+        let template = self.template(&request.template).await?;
         for (asked, baked, what) in [
             (request.vcpus, template.vcpus, "vCPUs"),
             (request.memory_mib, template.memory_mib, "MiB of memory"),
@@ -442,9 +448,13 @@ impl Manager {
         let entry = self.insert_new(record)?;
         let mut live = entry.live.lock().await;
         let record = entry.record();
-        let result = self
-            .start_vm(&record, &egress, template.envd_access_token.as_deref())
-            .await;
+        let result = match self.fetch(&record.build_id).await {
+            Ok(()) => {
+                self.start_vm(&record, &egress, template.envd_access_token.as_deref())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match result {
             Ok(running) => {
                 let record = entry.update(|r| {
@@ -752,6 +762,7 @@ impl Manager {
             r.vmm_pid = None;
         });
         self.save(&record);
+        self.share_sandbox(&record, build).await;
         self.unpend(build);
         self.metrics.paused(started.elapsed(), written);
         tracing::info!(sandbox_id = %id, %build, written, took_ms = started.elapsed().as_millis(), "sandbox paused");
@@ -807,7 +818,10 @@ impl Manager {
     /// Restores a paused sandbox on a free slot.
     pub async fn resume(&self, id: &str, timeout_seconds: u32) -> Result<Record, ManagerError> {
         let started = Instant::now();
-        let entry = self.entry(id)?;
+        let entry = match self.entry(id) {
+            Ok(entry) => entry,
+            Err(e) => self.paused_elsewhere(id).await?.ok_or(e)?,
+        };
         let mut live = entry.live.lock().await;
         let record = entry.record();
         if record.state != State::Paused {
@@ -826,6 +840,7 @@ impl Manager {
                 .unwrap_or_else(PoisonError::into_inner);
             self.check_capacity(&sandboxes, record.vcpus, record.memory_mib)?;
         }
+        self.fetch(&record.build_id).await?;
         entry.update(|r| r.state = State::Resuming);
         let egress = Egress {
             allow: record.egress.allow.clone(),
@@ -913,6 +928,9 @@ impl Manager {
             envd_access_token: Some(record.access_token.clone()),
         };
         let inserted = self.templates.insert(template.clone(), false);
+        if inserted.is_ok() {
+            self.share_template(&template).await;
+        }
         self.unpend(build);
         inserted?;
         tracing::info!(sandbox_id = %id, template = %name, %build, "snapshot named as a template");
@@ -922,6 +940,9 @@ impl Manager {
     /// Forgets a template; its files go once nothing uses them.
     pub async fn delete_snapshot(&self, name: &str) -> Result<(), ManagerError> {
         self.templates.remove(name)?;
+        if let Err(e) = self.storage.delete_record(RecordKind::Template, name).await {
+            tracing::warn!(template = %name, error = %chain(&e), "the shared template record stays");
+        }
         self.collect_garbage().await;
         Ok(())
     }
@@ -941,6 +962,9 @@ impl Manager {
         let _ = std::fs::remove_dir_all(self.sandbox_dir(id));
         let _ = std::fs::remove_dir_all(self.vmm_dir(id));
         drop(live);
+        if let Err(e) = self.storage.delete_record(RecordKind::Sandbox, id).await {
+            tracing::warn!(sandbox_id = %id, error = %chain(&e), "the shared sandbox record stays");
+        }
         self.metrics.destroyed();
         tracing::info!(sandbox_id = %id, "sandbox destroyed");
         self.collect_garbage().await;
@@ -1078,6 +1102,9 @@ impl Manager {
             envd_access_token: None,
         };
         let replaced = self.templates.insert(template.clone(), request.replace);
+        if replaced.is_ok() {
+            self.share_template(&template).await;
+        }
         self.unpend(build);
         self.unpend(image_build);
         replaced?;
@@ -1278,6 +1305,137 @@ impl Manager {
     }
 
     // ---- storage ---------------------------------------------------------------------------
+
+    /// A template of this host, or one another host shared through the object store.
+    async fn template(&self, name: &str) -> Result<Template, ManagerError> {
+        match self.templates.get(name) {
+            Ok(template) => Ok(template),
+            Err(templates::TemplateError::NotFound(_)) if self.storage.is_remote() => {
+                let json = self
+                    .storage
+                    .get_record(RecordKind::Template, name)
+                    .await
+                    .map_err(|e| ManagerError::new(ErrorCode::Unavailable, chain(&e)))?
+                    .ok_or_else(|| templates::TemplateError::NotFound(name.to_owned()))?;
+                let template: Template = serde_json::from_slice(&json).map_err(|e| {
+                    ManagerError::new(
+                        ErrorCode::Internal,
+                        format!("the shared record of template {name:?} is damaged: {e}"),
+                    )
+                })?;
+                // Another request may have taken it meanwhile: either way it is here now.
+                let _ = self.templates.insert(template.clone(), false);
+                tracing::info!(template = %name, build = %template.build_id, "took a template shared by another host");
+                Ok(template)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A sandbox paused on another host, as a local paused entry.
+    async fn paused_elsewhere(&self, id: &str) -> Result<Option<Arc<Entry>>, ManagerError> {
+        if !self.storage.is_remote() {
+            return Ok(None);
+        }
+        let Some(json) = self
+            .storage
+            .get_record(RecordKind::Sandbox, id)
+            .await
+            .map_err(|e| ManagerError::new(ErrorCode::Unavailable, chain(&e)))?
+        else {
+            return Ok(None);
+        };
+        let mut record: Record = serde_json::from_slice(&json).map_err(|e| {
+            ManagerError::new(
+                ErrorCode::Internal,
+                format!("the shared record of sandbox {id:?} is damaged: {e}"),
+            )
+        })?;
+        record.state = State::Paused;
+        record.slot = None;
+        record.host_address = None;
+        record.vmm_pid = None;
+        let mut sandboxes = self
+            .sandboxes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = sandboxes.get(id) {
+            return Ok(Some(entry.clone()));
+        }
+        std::fs::create_dir_all(self.sandbox_dir(id))
+            .map_err(|e| ManagerError::internal("creating the sandbox directory", &e))?;
+        self.save(&record);
+        let entry = Arc::new(Entry {
+            record: Mutex::new(record),
+            live: tokio::sync::Mutex::new(None),
+        });
+        sandboxes.insert(id.to_owned(), entry.clone());
+        tracing::info!(sandbox_id = %id, "took a sandbox paused on another host");
+        Ok(Some(entry))
+    }
+
+    /// Makes a build (and what it reads) present here, from the object store when needed.
+    async fn fetch(&self, build: &str) -> Result<(), ManagerError> {
+        let build = parse_build(build)?;
+        if !self.storage.is_remote() {
+            return Ok(());
+        }
+        self.pend(build);
+        let fetched = self.storage.ensure_build(build).await;
+        self.unpend(build);
+        let report = fetched.map_err(|e| {
+            ManagerError::new(
+                ErrorCode::Unavailable,
+                format!("fetching snapshot build {build}: {}", chain(&e)),
+            )
+        })?;
+        if !report.fetched.is_empty() {
+            tracing::info!(%build, builds = report.fetched.len(), bytes = report.bytes(), "fetched snapshot builds from the object store");
+        }
+        Ok(())
+    }
+
+    /// Shares a paused sandbox (its builds, then its record) so another host can resume it.
+    /// A failure leaves it paused here, and is logged.
+    async fn share_sandbox(&self, record: &Record, build: BuildId) {
+        if !self.storage.is_remote() {
+            return;
+        }
+        let id = &record.sandbox_id;
+        let shared = async {
+            self.storage.upload_build(build).await?;
+            let json = serde_json::to_vec(record).unwrap_or_default();
+            self.storage
+                .put_record(RecordKind::Sandbox, id, &json)
+                .await
+        }
+        .await;
+        if let Err(e) = shared {
+            tracing::error!(sandbox_id = %id, %build, error = %chain(&e), "the paused sandbox could not be shared; it can resume on this host only");
+        }
+    }
+
+    /// Shares a template (its builds, prefetch set included, then its record).
+    async fn share_template(&self, template: &Template) {
+        if !self.storage.is_remote() {
+            return;
+        }
+        let Ok(build) = template.build_id.parse::<BuildId>() else {
+            tracing::error!(template = %template.name, build = %template.build_id, "not a build id; the template is not shared");
+            return;
+        };
+        let shared = async {
+            self.storage.upload_build(build).await?;
+            let json = serde_json::to_vec(template).unwrap_or_default();
+            self.storage
+                .put_record(RecordKind::Template, &template.name, &json)
+                .await
+        }
+        .await;
+        if let Err(e) = shared {
+            tracing::error!(template = %template.name, error = %chain(&e), "the template could not be shared; it is usable on this host only");
+        }
+    }
 
     fn pend(&self, build: BuildId) {
         self.pending_builds

@@ -25,7 +25,6 @@ const TEMPLATE: &str = "test";
 /// Calls that boot or restore VMs are slow in the host VM.
 const SLOW: Duration = Duration::from_secs(300);
 
-
 /// The cache's kernel and test image.
 #[derive(Debug)]
 struct TestImages;
@@ -62,6 +61,15 @@ impl Agent {
     /// An agent on `data` and `run`; `pool` names its network slots (agents that run at once
     /// need their own, or the second would take the first's slots as leftovers).
     fn start(data: &Path, run: &Path, pool: (&str, [u8; 2])) -> Agent {
+        Self::start_with(data, run, pool, wrenn_agent::storage::Remote::None)
+    }
+
+    fn start_with(
+        data: &Path,
+        run: &Path,
+        pool: (&str, [u8; 2]),
+        remote: wrenn_agent::storage::Remote,
+    ) -> Agent {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -72,6 +80,7 @@ impl Agent {
         config.slots.name = pool.0.to_owned();
         config.slots.base = std::net::Ipv4Addr::new(10, pool.1[0], pool.1[1], 0);
         config.reap_interval = Duration::from_millis(200);
+        config.remote = remote;
         let (manager, addr, stop, server) = rt.block_on(async {
             let manager = Manager::start(config).await.expect("agent start");
             manager.spawn_reaper();
@@ -663,4 +672,43 @@ fn test_restarted_agent_adopts_running_and_paused_sandboxes() {
     agent.destroy("stays-paused");
     assert!(processes_mentioning("keeps-running").is_empty());
     agent.rt.block_on(agent.manager.shutdown(true));
+}
+
+#[test]
+fn test_sandbox_paused_on_one_agent_resumes_on_another_through_the_object_store() {
+    if !usable("test_sandbox_paused_on_one_agent_resumes_on_another_through_the_object_store") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let remote = dir.path().join("remote");
+    std::fs::create_dir_all(&remote).unwrap();
+    let url = || wrenn_agent::storage::Remote::Url(format!("file://{}", remote.display()));
+    let host = |name: &str, range: u8| {
+        Agent::start_with(
+            &dir.path().join(name).join("data"),
+            &dir.path().join(name).join("run"),
+            (name, [range, 0]),
+            url(),
+        )
+    };
+    let a = host("hosta", 14);
+    a.build_template("shared");
+    a.create("traveller", "shared");
+    a.stdout("traveller", "echo packed-on-a >/root/luggage");
+    a.pause("traveller");
+    let b = host("hostb", 15);
+    // Never seen on b: resumed from what a shared.
+    let resumed = b.resume("traveller").expect("resume on the other host");
+    assert_eq!(
+        resumed.state.as_known(),
+        Some(SandboxState::SANDBOX_STATE_RUNNING)
+    );
+    assert_eq!(b.stdout("traveller", "cat /root/luggage"), "packed-on-a\n");
+    // The template too.
+    b.create("local-to-b", "shared");
+    assert_eq!(b.stdout("local-to-b", "echo hi"), "hi\n");
+    b.destroy("traveller");
+    b.destroy("local-to-b");
+    b.rt.block_on(b.manager.shutdown(true));
+    a.rt.block_on(a.manager.shutdown(true));
 }

@@ -32,7 +32,6 @@ const ENVD_READY: &str = "envd: ready";
 const BASE_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux \
                          i8042.dumbkbd";
 
-
 /// `wrenn-vmm` in the slot's namespace, booting the test image with envd as PID 1.
 struct Vm {
     child: Child,

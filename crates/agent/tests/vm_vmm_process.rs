@@ -24,9 +24,6 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 /// The guest counts in a shell variable (guest memory only) and prints every value.
 const COUNTER: &str = "i=0\nwhile :; do i=$((i+1)); echo COUNT=$i; sleep 0.2; done\n";
 
-
-
-
 fn boot_args(script: &str) -> String {
     format!(
         "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noaux i8042.nomux i8042.dumbkbd \

@@ -32,9 +32,11 @@ pub struct AgentArgs {
     /// Network slots kept ready.
     #[arg(long, default_value_t = 4)]
     warm_slots: u32,
-    /// Run VMMs without their jail and seccomp filters (debugging only).
-    #[arg(long)]
-    no_confine: bool,
+    /// An object store to share templates and paused sandboxes through, so that another
+    /// host's agent can start or resume them: s3://bucket/prefix, gs://..., az://...,
+    /// file:///path (credentials from the environment).
+    #[arg(long, env = "WRENN_REMOTE")]
+    remote: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -94,7 +96,9 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
     }
     let mut config = AgentConfig::new(args.data_dir, args.run_dir, vmm);
     config.slots.warm = args.warm_slots;
-    config.confine = !args.no_confine;
+    if let Some(url) = args.remote {
+        config.remote = wrenn_agent::storage::Remote::Url(url);
+    }
     runtime()?.block_on(async move {
         let manager = Manager::start(config).await?;
         manager.spawn_reaper();
