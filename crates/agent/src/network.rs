@@ -53,6 +53,9 @@ pub const GUEST_INTERFACE: &str = "eth0";
 /// The MAC address to give the guest's NIC: fixed, like its IPv4 address, so snapshots need no
 /// change (locally administered, the address's last four bytes: a9:fe:00:15 = 169.254.0.21).
 pub const GUEST_MAC: &str = "06:00:a9:fe:00:15";
+/// The MAC address of every slot's tap (the guest's gateway): fixed, like the guest's own, so
+/// the neighbour entry a template's guest cached stays right in whatever slot a restore lands.
+pub const GATEWAY_MAC: &str = "06:00:a9:fe:00:16";
 /// The tap the VMM opens, inside the slot's namespace.
 pub const TAP_NAME: &str = "tap0";
 /// The namespace-side end of the veth pair.
@@ -909,6 +912,7 @@ link set {veth} up
 addr add {ns_end}/30 dev {NAMESPACE_VETH}
 link set {NAMESPACE_VETH} up
 tuntap add dev {TAP_NAME} mode tap
+link set dev {TAP_NAME} address {GATEWAY_MAC}
 addr add {GUEST_GATEWAY}/{GUEST_PREFIX_LEN} dev {TAP_NAME}
 link set {TAP_NAME} up
 route add default via {host_end}

@@ -70,6 +70,13 @@ impl Agent {
         pool: (&str, [u8; 2]),
         remote: wrenn_agent::storage::Remote,
     ) -> Agent {
+        // The agent's logs when asked for (WRENN_LOG=info), to see where time goes.
+        if let Ok(filter) = std::env::var("WRENN_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -344,7 +351,9 @@ fn test_template_create_exec_echo_hi() {
         return;
     }
     let agent = shared();
+    let started = Instant::now();
     let sandbox = agent.create("echo-hi", TEMPLATE);
+    eprintln!("created in {:?}", started.elapsed());
     assert_eq!(
         sandbox.state.as_known(),
         Some(SandboxState::SANDBOX_STATE_RUNNING)
