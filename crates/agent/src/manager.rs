@@ -593,6 +593,13 @@ impl Manager {
         let vmm_dir = self.vmm_dir(id);
         let overlay = self.sandbox_dir(id).join("rootfs.overlay");
         let _ = std::fs::remove_file(&overlay);
+        // Before the guest runs a single instruction. A slot comes fresh from the pool,
+        // allowing everything: only a policy costs a call (an `nft` run, slow on a busy host).
+        if !egress.allow.is_empty() || !egress.deny.is_empty() {
+            slot.set_egress(egress)
+                .await
+                .map_err(|e| ManagerError::internal("applying the egress policy", &e))?;
+        }
         let uffd_socket = vmm_dir.join("uffd.sock");
         starting.pages = Some(
             self.pages
@@ -622,13 +629,6 @@ impl Manager {
                 format!("restoring build {build}: {}", chain(&e)),
             )
         })?;
-        // A slot comes fresh from the pool, allowing everything: only a policy costs a call
-        // (an `nft` run, slow on a busy host).
-        if !egress.allow.is_empty() || !egress.deny.is_empty() {
-            slot.set_egress(egress)
-                .await
-                .map_err(|e| ManagerError::internal("applying the egress policy", &e))?;
-        }
         let mut envd = EnvdClient::new(slot.envd_address(), current_token.map(str::to_owned))
             .with_sandbox_id(id.clone());
         wait_ready(vmm, &envd, RESTORE_READY_TIMEOUT)
