@@ -17,8 +17,11 @@ pub(crate) const QEMU: &str = "qemu-system-x86_64";
 
 /// Kernel command line: console on the serial port (to a file on the host), a panic or reset
 /// ends the VM at once (QEMU runs with -no-reboot), reset by triple fault (microvm has no
-/// keyboard controller), no crypto self-tests at boot (~0.2 s under TCG).
-const CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t cryptomgr.notests \
+/// keyboard controller), no crypto self-tests at boot (~0.2 s under TCG), and an idle loop that
+/// polls instead of halting: host VMs were seen frozen for good with their vCPU halted in the
+/// idle loop and QEMU using no CPU (a wake-up lost by the emulated vCPU; `stall.txt` said
+/// `HLT=1` at the idle loop's address), which a polling idle loop cannot miss.
+const CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t cryptomgr.notests idle=poll \
     initcall_blacklist=crypto_kdf108_init,load_system_certificate_list";
 
 /// The kernel command line for this host and a kernel with timer frequency `hz`.
