@@ -627,24 +627,29 @@ impl RemoteStore {
     }
 }
 
+/// The entries of a local build directory; a missing one is `NotLocal`.
+fn read_build_dir(build: BuildId, dir: &Path) -> Result<fs::ReadDir, StorageError> {
+    fs::read_dir(dir).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            StorageError::NotLocal {
+                build,
+                path: dir.to_owned(),
+            }
+        } else {
+            StorageError::Io {
+                op: "listing build directory",
+                path: dir.to_owned(),
+                source,
+            }
+        }
+    })
+}
+
 /// Every build the headers in `build`'s local directory name, other than itself.
 async fn referenced_builds(local: &Store, build: BuildId) -> Result<Vec<BuildId>, StorageError> {
     let dir = local.build_dir(build);
     tokio::task::spawn_blocking(move || {
-        let entries = fs::read_dir(&dir).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                StorageError::NotLocal {
-                    build,
-                    path: dir.clone(),
-                }
-            } else {
-                StorageError::Io {
-                    op: "listing build directory",
-                    path: dir.clone(),
-                    source,
-                }
-            }
-        })?;
+        let entries = read_build_dir(build, &dir)?;
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(io_err("listing build directory", &dir))?;
@@ -673,20 +678,7 @@ async fn referenced_builds(local: &Store, build: BuildId) -> Result<Vec<BuildId>
 async fn local_build_files(build: BuildId, dir: &Path) -> Result<Vec<(String, u64)>, StorageError> {
     let dir = dir.to_owned();
     tokio::task::spawn_blocking(move || {
-        let entries = fs::read_dir(&dir).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                StorageError::NotLocal {
-                    build,
-                    path: dir.clone(),
-                }
-            } else {
-                StorageError::Io {
-                    op: "listing build directory",
-                    path: dir.clone(),
-                    source,
-                }
-            }
-        })?;
+        let entries = read_build_dir(build, &dir)?;
         let mut files = Vec::new();
         for entry in entries {
             let entry = entry.map_err(io_err("listing build directory", &dir))?;
