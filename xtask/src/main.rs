@@ -15,6 +15,7 @@ mod bench_envd;
 mod bench_snapshot;
 mod bench_vmm;
 mod hostvm;
+mod postgres;
 mod proto;
 mod test;
 

@@ -121,6 +121,7 @@ impl Tally {
 
 pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
     wrenn_image::packages::ensure(HOST_TEST_PACKAGES)?;
+    let postgres = crate::postgres::ensure()?;
     let envd = crate::static_envd()?;
     guest::build_with(cache, &[], false, Some(&envd))
         .context("building the guest kernel and images")?;
@@ -132,9 +133,11 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
     let mut tally = Tally::default();
     if !args.vm_only {
         eprintln!("==> host tests: {} binaries", host.len());
+        let env = [(crate::postgres::URL_ENV, postgres.url("127.0.0.1"))];
         tally.add(run_binaries(
             &host,
             args.filter.as_deref(),
+            &env,
             &mut std::io::stdout(),
         ));
     }
@@ -215,8 +218,13 @@ fn package_name(id: &str) -> String {
     }
 }
 
-/// Runs test binaries one after another, echoing their output to `out`.
-fn run_binaries(binaries: &[TestBinary], filter: Option<&str>, out: &mut dyn Write) -> Tally {
+/// Runs test binaries one after another, with `env` added, echoing their output to `out`.
+fn run_binaries(
+    binaries: &[TestBinary],
+    filter: Option<&str>,
+    env: &[(&str, String)],
+    out: &mut dyn Write,
+) -> Tally {
     let mut total = Tally::default();
     for bin in binaries {
         let _ = writeln!(out, "---- {} ({})", bin.target, bin.package);
@@ -224,6 +232,7 @@ fn run_binaries(binaries: &[TestBinary], filter: Option<&str>, out: &mut dyn Wri
         cmd.args(["--kill-after=10", &BINARY_TIMEOUT_SECS.to_string()])
             .arg(&bin.executable)
             .args(filter)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(&bin.cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -332,7 +341,12 @@ pub fn run_manifest(args: RunArgs) -> Result<ExitCode> {
     let text = std::fs::read(&args.manifest)
         .with_context(|| format!("reading {}", args.manifest.display()))?;
     let binaries: Vec<TestBinary> = serde_json::from_slice(&text)?;
-    let tally = run_binaries(&binaries, args.filter.as_deref(), &mut std::io::stdout());
+    let tally = run_binaries(
+        &binaries,
+        args.filter.as_deref(),
+        &[],
+        &mut std::io::stdout(),
+    );
     Ok(if tally.failed + tally.broken == 0 {
         ExitCode::SUCCESS
     } else {

@@ -7,10 +7,12 @@
 //! - `wrenn hostvm -- CMD...`: run CMD where a usable KVM exists.
 //! - `wrenn kvm-check`: say whether this machine's /dev/kvm can run Linux guests.
 //! - `wrenn agent`: the host agent; `wrenn template build|list|rm`: templates through it.
+//! - `wrenn sandbox|files|snapshot|hosts ...`: a client of the control plane's REST API.
 
 #![forbid(unsafe_code)]
 
 mod agent;
+mod client;
 mod up;
 
 use std::ffi::OsString;
@@ -54,6 +56,34 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Build, list or delete templates through the agent.
     Template(agent::TemplateArgs),
+    /// Sandboxes through the control plane: create, list, get, exec, pause, resume, rm.
+    Sandbox {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::SandboxCommand,
+    },
+    /// Files in a sandbox through the control plane: put, get.
+    Files {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::FilesCommand,
+    },
+    /// Snapshots (templates made from sandboxes) through the control plane.
+    Snapshot {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::SnapshotCommand,
+    },
+    /// The hosts (agents) the control plane knows.
+    Hosts {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::HostsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +187,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             agent::run_template(args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sandbox { api, command } => client::run_sandbox(&api, command),
+        Command::Files { api, command } => client::run_files(&api, command),
+        Command::Snapshot { api, command } => client::run_snapshot(&api, command),
+        Command::Hosts { api, command } => client::run_hosts(&api, command),
     }
 }
 
