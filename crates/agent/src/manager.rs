@@ -1003,6 +1003,47 @@ impl Manager {
         reaped
     }
 
+    /// Finds running sandboxes whose VMM exited behind the agent's back (killed, crashed): each
+    /// is marked stopped with the reason and the VMM log's last lines, and its slot, memory and
+    /// files are given back. The record stays (ListSandboxes shows it stopped) until it is
+    /// destroyed. A sandbox busy with a request is looked at next time.
+    pub async fn check_vms(&self) -> usize {
+        let mut found = 0;
+        for entry in self.entries() {
+            if entry.record().state != State::Running {
+                continue;
+            }
+            let Ok(mut live) = entry.live.try_lock() else {
+                continue;
+            };
+            if live.as_ref().is_none_or(|running| running.vmm.is_running()) {
+                continue;
+            }
+            let Some(running) = live.take() else {
+                continue;
+            };
+            let id = entry.record().sandbox_id;
+            let why = format!(
+                "its VMM exited unexpectedly; the VMM log ends with:\n{}",
+                tail(&running.vmm.log_path(), 5)
+            );
+            tracing::warn!(sandbox_id = %id, reason = %why, "a running sandbox's VMM is gone; stopping it");
+            self.release(&id, running).await;
+            let record = entry.update(|r| {
+                r.state = State::Stopped;
+                r.error = Some(why);
+                r.slot = None;
+                r.host_address = None;
+                r.vmm_pid = None;
+                r.expires_at_ms = None;
+            });
+            self.save(&record);
+            self.metrics.vmm_exited();
+            found += 1;
+        }
+        found
+    }
+
     /// Runs the reaper until the manager is dropped.
     pub fn spawn_reaper(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
@@ -1014,6 +1055,7 @@ impl Manager {
                     return;
                 };
                 manager.reap().await;
+                manager.check_vms().await;
             }
         });
     }

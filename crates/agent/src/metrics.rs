@@ -51,6 +51,7 @@ pub struct Metrics {
     paused: AtomicU64,
     resumed: AtomicU64,
     reaped: AtomicU64,
+    vmm_exits: AtomicU64,
     pause_bytes: AtomicU64,
     execs: AtomicU64,
     timings: Mutex<Timings>,
@@ -106,6 +107,10 @@ impl Metrics {
         self.reaped.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn vmm_exited(&self) {
+        self.vmm_exits.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn exec(&self, took: Duration) {
         self.execs.fetch_add(1, Ordering::Relaxed);
         self.timings().exec.observe(took);
@@ -139,6 +144,11 @@ impl Metrics {
                 "wrenn_agent_sandboxes_reaped_total",
                 "Sandboxes stopped by their timeout.",
                 &self.reaped,
+            ),
+            (
+                "wrenn_agent_vmm_exits_total",
+                "Running sandboxes whose VMM exited on its own (killed, crashed).",
+                &self.vmm_exits,
             ),
             (
                 "wrenn_agent_pause_written_bytes_total",

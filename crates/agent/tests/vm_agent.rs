@@ -522,6 +522,50 @@ fn test_timeout_reaps_the_sandbox() {
 }
 
 #[test]
+fn test_vmm_killed_behind_the_agents_back_shows_as_stopped() {
+    if !usable("test_vmm_killed_behind_the_agents_back_shows_as_stopped") {
+        return;
+    }
+    let agent = shared();
+    let id = "killed-vmm";
+    agent.create(id, TEMPLATE);
+    let pid = agent
+        .manager
+        .get(id)
+        .unwrap()
+        .vmm_pid
+        .expect("a running sandbox's VMM pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The reaper's pass (every 200 ms here) finds it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sandbox = loop {
+        let sandbox = agent.get(id).unwrap();
+        if sandbox.state.as_known() != Some(SandboxState::SANDBOX_STATE_RUNNING) {
+            break sandbox;
+        }
+        assert!(Instant::now() < deadline, "still running after its VMM was killed");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        sandbox.state.as_known(),
+        Some(SandboxState::SANDBOX_STATE_STOPPED)
+    );
+    assert!(sandbox.error.contains("VMM exited"), "{}", sandbox.error);
+    assert_eq!(
+        code_of(agent.try_exec(id, "true")),
+        ErrorCode::FailedPrecondition
+    );
+    // Its slot and files are back; destroying the record finishes it.
+    assert!(!agent.manager.config().run_dir.join(id).exists());
+    agent.destroy(id);
+    assert_eq!(code_of(agent.get(id)), ErrorCode::NotFound);
+}
+
+#[test]
 fn test_destroy_leaves_no_process_socket_file_or_mount() {
     if !usable("test_destroy_leaves_no_process_socket_file_or_mount") {
         return;
