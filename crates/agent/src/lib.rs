@@ -6,9 +6,11 @@
 //! each guest), `pages` (the page server shared by every sandbox), `templates` (named
 //! snapshots), `sandbox` (one sandbox's record and states), `manager` (everything the RPCs do),
 //! `storage` (templates and paused sandboxes shared through an object store), `metrics`,
-//! `rpc` (the Connect service), `server` (the listener).
+//! `rpc` (the Connect service), `tunnel` (the control plane's way to sandbox ports),
+//! `heartbeat` (registration with the control plane), `server` (the listener).
 
 pub mod envd;
+pub mod heartbeat;
 pub mod manager;
 pub mod metrics;
 pub mod network;
@@ -18,4 +20,5 @@ pub mod sandbox;
 pub mod server;
 pub mod storage;
 pub mod templates;
+pub mod tunnel;
 pub mod vmm;

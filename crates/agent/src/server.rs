@@ -1,5 +1,6 @@
-//! The agent's listener: `hostagent.v1` over Connect, `GET /metrics` (Prometheus text) and
-//! `GET /healthz`, in one axum app.
+//! The agent's listener: `hostagent.v1` over Connect, `GET /metrics` (Prometheus text),
+//! `GET /healthz` and the control plane's tunnel to sandbox ports
+//! (`GET /v1/tunnel/{sandbox_id}/{port}`), in one axum app.
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ pub fn app(manager: Arc<Manager>, images: Arc<dyn ImageResolver>) -> axum::Route
     axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(crate::tunnel::routes())
         .with_state(manager)
         .fallback_service(connect)
 }

@@ -547,7 +547,10 @@ fn test_vmm_killed_behind_the_agents_back_shows_as_stopped() {
         if sandbox.state.as_known() != Some(SandboxState::SANDBOX_STATE_RUNNING) {
             break sandbox;
         }
-        assert!(Instant::now() < deadline, "still running after its VMM was killed");
+        assert!(
+            Instant::now() < deadline,
+            "still running after its VMM was killed"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(

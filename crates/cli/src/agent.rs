@@ -37,6 +37,19 @@ pub struct AgentArgs {
     /// file:///path (credentials from the environment).
     #[arg(long, env = "WRENN_REMOTE")]
     remote: Option<String>,
+    /// A control plane (`wrenn server`) to register with: heartbeats with this host's
+    /// capacity go to it every 10 s.
+    #[arg(long = "server", env = "WRENN_SERVER_URL")]
+    server: Option<String>,
+    /// The control plane's join token (needed with --server).
+    #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// This host's id in the control plane (default: the machine's hostname).
+    #[arg(long)]
+    host_id: Option<String>,
+    /// This agent's URL as the control plane reaches it (default: http://<listen address>).
+    #[arg(long = "advertise")]
+    advertise: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -94,9 +107,22 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
             vmm.display()
         );
     }
+    let control_plane = match (&args.server, &args.join_token) {
+        (Some(server), Some(token)) => {
+            let host_id = match &args.host_id {
+                Some(id) => id.clone(),
+                None => hostname()?,
+            };
+            Some((server.clone(), token.clone(), host_id))
+        }
+        (Some(_), None) => bail!(
+            "--server needs the control plane's join token: pass --join-token or set WRENN_JOIN_TOKEN"
+        ),
+        (None, _) => None,
+    };
     let mut config = AgentConfig::new(args.data_dir, args.run_dir, vmm);
     config.slots.warm = args.warm_slots;
-    if let Some(url) = args.remote {
+    if let Some(url) = args.remote.clone() {
         config.remote = wrenn_agent::storage::Remote::Url(url);
     }
     runtime()?.block_on(async move {
@@ -105,15 +131,49 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        println!(
-            "wrenn agent: serving hostagent.v1 on http://{}",
-            listener.local_addr()?
-        );
+        let local = listener.local_addr()?;
+        println!("wrenn agent: serving hostagent.v1 on http://{local}");
+        if let Some((server_url, join_token, host_id)) = control_plane {
+            let advertise_url = match args.advertise {
+                Some(url) => url,
+                None if local.ip().is_unspecified() => bail!(
+                    "the agent listens on {local}, which the control plane cannot connect to: \
+                     pass --advertise http://<this host's address>:{}",
+                    local.port()
+                ),
+                None => format!("http://{local}"),
+            };
+            println!(
+                "wrenn agent: heartbeating to {server_url} as host {host_id} ({advertise_url})"
+            );
+            wrenn_agent::heartbeat::spawn(
+                manager.clone(),
+                wrenn_agent::heartbeat::HeartbeatConfig {
+                    server_url,
+                    join_token,
+                    host_id,
+                    advertise_url,
+                    storage: args.remote,
+                    interval: wrenn_agent::heartbeat::DEFAULT_INTERVAL,
+                },
+            );
+        }
         let app = wrenn_agent::server::app(manager, Arc::new(wrenn_agent::rpc::CacheImages));
         wrenn_agent::server::serve(listener, app, shutdown_signal()).await?;
         println!("wrenn agent: stopped; sandboxes keep running");
         Ok(())
     })
+}
+
+/// This machine's hostname: the default host id.
+fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the hostname (pass --host-id)")?;
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("this machine has no hostname: pass --host-id");
+    }
+    Ok(name.to_owned())
 }
 
 async fn shutdown_signal() {
