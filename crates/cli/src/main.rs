@@ -115,6 +115,13 @@ struct HostvmArgs {
     /// Kill the command (and the host VM) after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+    /// Forward a TCP port of the host into the host VM: HOSTPORT:GUESTPORT (on 127.0.0.1) or
+    /// HOSTADDR:HOSTPORT:GUESTPORT; repeatable. Implies --network.
+    #[arg(long = "forward", value_name = "HOSTPORT:GUESTPORT")]
+    forwards: Vec<wrenn_hostvm::PortForward>,
+    /// Give the host VM a network: the host is at $WRENN_HOSTVM_HOST (10.0.2.2) inside.
+    #[arg(long)]
+    network: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
@@ -159,11 +166,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Hostvm(args) => {
-            let options = RunOptions::new(wrenn_hostvm::decide()?.placement).with_overrides(
+            let mut options = RunOptions::new(wrenn_hostvm::decide()?.placement).with_overrides(
                 args.cpus,
                 args.memory_mib,
                 args.timeout.map(Duration::from_secs),
             );
+            if args.network || !args.forwards.is_empty() {
+                options = options.network(wrenn_hostvm::HostVmNetwork {
+                    forwards: args.forwards,
+                });
+            }
             Ok(exit_code(run_where_kvm_is(
                 &cache,
                 &args.command,

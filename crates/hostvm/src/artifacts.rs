@@ -14,6 +14,8 @@
 //! /lib/modules/kvm/NN-name.ko   kvm, kvm_amd, tun, veth, nftables (nf_tables, NAT, masquerade,
 //!                               ct, reject), vhost_vsock and dependencies not loaded before, in
 //!                               load order
+//! /lib/modules/net/NN-name.ko   virtio_net and dependencies not loaded before (only loaded when
+//!                               the host VM has a network)
 //! /proc /sys /run /tmp /wrenn /mnt/host
 //! ```
 
@@ -64,6 +66,10 @@ pub const KVM_MODULES: &[&str] = &[
     "nft_reject_ipv4",
     "vhost_vsock",
 ];
+/// Loaded only when the host VM has a network (`wrenn.ip=` on the kernel command line): the
+/// NIC of QEMU's user-mode networking. A separate group so that host VMs without a network do
+/// not pay for loading it.
+pub const NET_MODULES: &[&str] = &["virtio_net"];
 /// The VM's PID 1.
 pub const INIT_SCRIPT: &str = include_str!("init.sh");
 
@@ -120,6 +126,7 @@ fn ensure_for_current_lists(cache: &Cache) -> Result<Artifacts, HostVmError> {
         kernel.version.as_bytes(),
         FS_MODULES.join(",").as_bytes(),
         KVM_MODULES.join(",").as_bytes(),
+        NET_MODULES.join(",").as_bytes(),
         INIT_SCRIPT.as_bytes(),
         busybox.as_bytes(),
     ]);
@@ -328,6 +335,7 @@ fn build_in(
     let mut loaded = BTreeSet::new();
     let fs_modules = tree.load_order(FS_MODULES, &mut loaded)?;
     let kvm_modules = tree.load_order(KVM_MODULES, &mut loaded)?;
+    let net_modules = tree.load_order(NET_MODULES, &mut loaded)?;
 
     let busybox = fs::read(BUSYBOX).map_err(io_err(Path::new(BUSYBOX)))?;
     let dynamic = elf_has_interpreter(&busybox).map_err(|e| HostVmError::Kernel {
@@ -339,7 +347,12 @@ fn build_in(
         });
     }
     let initramfs = staging.join("initramfs.cpio");
-    write_initramfs(&initramfs, &busybox, &fs_modules, &kvm_modules)?;
+    let groups = [
+        ("fs", &fs_modules[..]),
+        ("kvm", &kvm_modules[..]),
+        ("net", &net_modules[..]),
+    ];
+    write_initramfs(&initramfs, &busybox, &groups)?;
 
     let list = |m: &[ModuleFile]| {
         m.iter()
@@ -355,6 +368,7 @@ fn build_in(
         ("busybox".to_owned(), busybox_version.to_owned()),
         ("modules_fs".to_owned(), list(&fs_modules)),
         ("modules_kvm".to_owned(), list(&kvm_modules)),
+        ("modules_net".to_owned(), list(&net_modules)),
     ]);
     if let Some(hz) = hz {
         notes.insert("hz".to_owned(), hz);
@@ -453,8 +467,7 @@ fn is_elf(path: &Path) -> Result<bool, HostVmError> {
 fn write_initramfs(
     path: &Path,
     busybox: &[u8],
-    fs_modules: &[ModuleFile],
-    kvm_modules: &[ModuleFile],
+    groups: &[(&str, &[ModuleFile])],
 ) -> Result<(), HostVmError> {
     let io = io_err(path);
     let mut cpio = CpioWriter::new(Vec::new());
@@ -477,7 +490,7 @@ fn write_initramfs(
         cpio.char_dev("dev/console", 0o600, 5, 1)?;
         cpio.file("bin/busybox", 0o755, busybox)?;
         cpio.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
-        for (group, modules) in [("fs", fs_modules), ("kvm", kvm_modules)] {
+        for &(group, modules) in groups {
             cpio.dir(&format!("lib/modules/{group}"), 0o755)?;
             for (i, module) in modules.iter().enumerate() {
                 let data = fs::read(&module.path)?;

@@ -2,7 +2,10 @@
 # PID 1 of Wrenn's host VM (L1); see crates/hostvm/src/lib.rs for the design.
 #
 # 1. load the virtio-mmio and 9p modules, mount the per-run share (tag wrennrun) at /wrenn;
-# 2. load kvm and kvm_amd, check /dev/kvm;
+# 2. load kvm and kvm_amd, check /dev/kvm; with wrenn.ip= and wrenn.gw= on the kernel command
+#    line (the host asked for a network), load virtio_net and bring up eth0 with that address
+#    and a default route through that gateway (QEMU's user-mode networking: static, no DHCP),
+#    and (once the host root is there, for nft) reject forwarding to the gateway;
 # 3. mount the host's root read-only at /mnt/host with /dev, /proc, /sys, a fresh /run, the
 #    a fresh tmpfs /tmp and the writable shares (listed in /wrenn/spec.sh) at their host paths;
 # 4. start a heartbeat (/wrenn/alive gets the uptime every few seconds, so the host can tell a
@@ -54,6 +57,21 @@ mount -t 9p -o "$opts" wrennrun /wrenn || fail "cannot mount the per-run share"
 load kvm "no /dev/kvm: kvm_amd needs AMD SVM with nested paging in the VM's CPU model (QEMU -cpu)"
 [ -c /dev/kvm ] || fail "/dev/kvm is missing after loading kvm and kvm_amd"
 
+net_ip= net_gw=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+    wrenn.ip=*) net_ip=${arg#wrenn.ip=} ;;
+    wrenn.gw=*) net_gw=${arg#wrenn.gw=} ;;
+    esac
+done
+if [ -n "$net_ip" ]; then
+    load net "the host VM's network"
+    [ -d /sys/class/net/eth0 ] || fail "no eth0 after loading virtio_net (is QEMU's virtio-net-device there?)"
+    ip addr add "$net_ip" dev eth0 || fail "cannot give eth0 the address $net_ip"
+    ip link set eth0 up || fail "cannot bring up eth0"
+    ip route add default via "$net_gw" dev eth0 || fail "cannot add the default route via $net_gw"
+fi
+
 mount -t 9p -o "$opts,ro,cache=loose" hostroot /mnt/host || fail "cannot mount the host root"
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o ptmxmode=0666 devpts /dev/pts || fail "cannot mount devpts"
@@ -68,6 +86,16 @@ mount -o bind /mnt/host/tmp /hosttmp || fail "cannot bind the host's /tmp aside"
 # A tmpfs, not a directory of the 9p share: 9p cannot hold unix sockets (bind fails with
 # ENXIO), and VMM tests and the agent keep their sockets under /tmp.
 mount -t tmpfs -o mode=1777 tmpfs /mnt/host/tmp || fail "cannot mount /tmp"
+
+# With a network: what the host VM forwards (the agent's sandboxes, behind their slots) must not
+# reach the host's loopback, which slirp maps to the gateway: services there (the control
+# plane, PostgreSQL) trust it. The host VM's own processes (OUTPUT, not FORWARD) still do.
+if [ -n "$net_ip" ]; then
+    printf '%s\n' "table ip wrenn_hostvm {" "  chain forward {" \
+        "    type filter hook forward priority filter; policy accept;" \
+        "    ip daddr $net_gw reject with icmp type admin-prohibited" "  }" "}" |
+        chroot /mnt/host /usr/sbin/nft -f - || fail "cannot keep forwarded traffic off the host's loopback (nft, Debian package nftables)"
+fi
 
 # Called by spec.sh for each writable share, parents before children.
 share() {

@@ -16,6 +16,10 @@
 //! another file, so it can never be confused with output. The console goes to a log file whose
 //! tail errors quote. QEMU dies with its caller (`setpriv --pdeathsig KILL`, kill on drop);
 //! hung boots are killed and retried.
+//!
+//! On request ([`RunOptions::network`]) the host VM gets a network to the host: QEMU's
+//! user-mode networking, with TCP ports of the host forwarded in and the host reachable at
+//! [`HOST_ADDRESS_FROM_GUEST`] from inside ([`net`]).
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +28,7 @@ pub mod cpio;
 pub mod decide;
 pub mod modules;
 mod monitor;
+pub mod net;
 mod qemu;
 mod run;
 pub mod spec;
@@ -36,6 +41,10 @@ use wrenn_image::command::CommandError;
 use wrenn_image::packages::PackagesError;
 
 pub use decide::{Decision, Mode, Placement, decide};
+pub use net::{
+    HOST_ADDRESS_FROM_GUEST, HOST_ENV, HostVmNetwork, PortForward, free_local_address,
+    free_local_port,
+};
 pub use run::{RunOptions, run};
 pub use spec::CommandSpec;
 
@@ -46,6 +55,13 @@ pub enum HostVmError {
     InvalidMode { value: String },
     #[error("invalid command: {reason}")]
     InvalidSpec { reason: String },
+    #[error("invalid host VM network: {reason}")]
+    InvalidNetwork { reason: String },
+    #[error("cannot find a free TCP port on 127.0.0.1")]
+    FreePort {
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "the host VM needs root: QEMU shares the host's root directory and the command runs as root inside"
     )]

@@ -12,6 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Instant;
 
 use crate::HostVmError;
+use crate::net::HostVmNetwork;
 
 pub(crate) const QEMU: &str = "qemu-system-x86_64";
 
@@ -38,11 +39,17 @@ const CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t cryptomgr.notests idle=po
 /// VM within minutes; such a host VM keeps jiffies.
 ///
 /// `quiet` saves ~0.25 s of serial output; `verbose` (used after a failed boot) keeps the
-/// kernel's messages in the console log to show where a boot stops.
-pub(crate) fn cmdline(hz: Option<u32>, cpus: u32, verbose: bool) -> String {
+/// kernel's messages in the console log to show where a boot stops. With `network`, init
+/// finds eth0's address and gateway there (`wrenn.ip=`, `wrenn.gw=`: dotted, so the kernel
+/// takes them for module parameters and neither warns nor passes them to init as arguments).
+pub(crate) fn cmdline(hz: Option<u32>, cpus: u32, verbose: bool, network: bool) -> String {
     let mut line = CMDLINE.to_owned();
     if !verbose {
         line.push_str(" quiet");
+    }
+    if network {
+        line.push(' ');
+        line.push_str(&HostVmNetwork::kernel_args());
     }
     if let Some(khz) = host_tsc_khz() {
         line.push_str(&format!(" tsc_early_khz={khz}"));
@@ -106,6 +113,8 @@ pub(crate) struct VmConfig<'a> {
     pub run_share: &'a Path,
     /// Writable shares as (tag, host path).
     pub shares: &'a [(String, PathBuf)],
+    /// User-mode networking with its forwards, when asked for.
+    pub network: Option<&'a HostVmNetwork>,
 }
 
 /// QEMU's arguments for `cfg`.
@@ -122,7 +131,10 @@ pub(crate) fn args(cfg: &VmConfig<'_>) -> Vec<OsString> {
     flag("-m", format!("{}M", cfg.memory_mib).into());
     flag("-kernel", cfg.vmlinux.into());
     flag("-initrd", cfg.initramfs.into());
-    flag("-append", cmdline(cfg.hz, cfg.cpus, cfg.verbose).into());
+    flag(
+        "-append",
+        cmdline(cfg.hz, cfg.cpus, cfg.verbose, cfg.network.is_some()).into(),
+    );
     flag(
         "-chardev",
         concat(&[
@@ -158,6 +170,12 @@ pub(crate) fn args(cfg: &VmConfig<'_>) -> Vec<OsString> {
     fs_share("fsrun", RUN_TAG, cfg.run_share, false);
     for (tag, path) in cfg.shares {
         fs_share(&format!("fs{tag}"), tag, path, false);
+    }
+    if let Some(network) = cfg.network {
+        // Created after the 9p devices, so that the network takes the next virtio-mmio
+        // transport and the shares keep theirs.
+        flag("-netdev", network.netdev("net0").into());
+        flag("-device", "virtio-net-device,netdev=net0".into());
     }
     for switch in ["-nographic", "-nodefaults", "-no-user-config", "-no-reboot"] {
         args.push(switch.into());
@@ -287,6 +305,7 @@ mod tests {
             qmp_socket: Path::new("/r/qmp.sock"),
             run_share: Path::new("/r/guest"),
             shares: &shares,
+            network: None,
         };
         let args: Vec<String> = args(&cfg)
             .into_iter()
@@ -310,5 +329,42 @@ mod tests {
         );
         assert!(after("-device").contains(&"virtio-9p-device,fsdev=fswrenn0,mount_tag=wrenn0"));
         assert!(args.iter().any(|a| a == "-no-reboot"));
+        assert!(after("-netdev").is_empty(), "no network unless asked");
+        assert!(!after("-append")[0].contains("wrenn.ip="));
+    }
+
+    #[test]
+    fn test_args_with_network_add_slirp_nic_and_kernel_args() {
+        let network = HostVmNetwork::new().forward("127.0.0.1:15008".parse().unwrap(), 5008);
+        let cfg = VmConfig {
+            vmlinux: Path::new("/c/vmlinux"),
+            initramfs: Path::new("/c/initramfs.cpio"),
+            cpu: "max",
+            cpus: 1,
+            memory_mib: 1024,
+            hz: None,
+            verbose: false,
+            console_log: Path::new("/r/console.log"),
+            qmp_socket: Path::new("/r/qmp.sock"),
+            run_share: Path::new("/r/guest"),
+            shares: &[],
+            network: Some(&network),
+        };
+        let args: Vec<String> = args(&cfg)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let at = args.iter().position(|a| a == "-netdev").unwrap();
+        assert!(
+            args[at + 1].contains("hostfwd=tcp:127.0.0.1:15008-10.0.2.15:5008"),
+            "{}",
+            args[at + 1]
+        );
+        assert_eq!(args[at + 3], "virtio-net-device,netdev=net0");
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(
+            append.contains("wrenn.ip=10.0.2.15/24 wrenn.gw=10.0.2.2"),
+            "{append}"
+        );
     }
 }

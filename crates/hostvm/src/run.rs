@@ -22,6 +22,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -34,6 +35,7 @@ use wrenn_image::command::last_lines;
 use wrenn_image::packages;
 
 use crate::decide::Placement;
+use crate::net::{self, HOST_ADDRESS_FROM_GUEST, HOST_ENV, HostVmNetwork};
 use crate::qemu::{Qemu, VmConfig};
 use crate::spec::CommandSpec;
 use crate::{HostVmError, artifacts, monitor};
@@ -79,6 +81,11 @@ pub struct RunOptions {
     /// A heartbeat unchanged for this long means the host VM froze (init rewrites it every 3 s;
     /// default 45 s).
     pub heartbeat_timeout: Duration,
+    /// A network between the host and the host VM (default none: the host VM has no network
+    /// device). When set, the command's environment gets [`HOST_ENV`] (the host's address as
+    /// the command sees it) in either placement; the forwards apply to the host VM only (a
+    /// direct command's ports are the host's already: see [`RunOptions::host_address_of`]).
+    pub network: Option<HostVmNetwork>,
 }
 
 impl RunOptions {
@@ -106,12 +113,44 @@ impl RunOptions {
             timeout: None,
             quiet_timeout: None,
             heartbeat_timeout: Duration::from_secs(45),
+            network: None,
         }
     }
 
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
+    }
+
+    /// Gives the host VM a network to the host with these forwards.
+    pub fn network(mut self, network: HostVmNetwork) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    /// Where the host reaches a TCP port the command listens on: the port itself on 127.0.0.1
+    /// for a direct command, the host side of a forward to it for the host VM (`None` when no
+    /// forward leads there).
+    pub fn host_address_of(&self, guest_port: u16) -> Option<SocketAddr> {
+        match self.placement {
+            Placement::Direct => Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), guest_port)),
+            Placement::HostVm => self
+                .network
+                .as_ref()?
+                .forwards
+                .iter()
+                .find(|f| f.guest_port == guest_port)
+                .map(|f| f.host),
+        }
+    }
+
+    /// The host's address as the command sees it: what [`HOST_ENV`] says when there is a
+    /// network.
+    pub fn host_address_from_command(&self) -> Ipv4Addr {
+        match self.placement {
+            Placement::Direct => Ipv4Addr::LOCALHOST,
+            Placement::HostVm => HOST_ADDRESS_FROM_GUEST,
+        }
     }
 }
 
@@ -125,6 +164,17 @@ pub fn run(
     stderr: &mut dyn Write,
 ) -> Result<i32, HostVmError> {
     spec.validate()?;
+    let with_host;
+    let spec = match &options.network {
+        Some(network) => {
+            network.validate()?;
+            with_host = spec
+                .clone()
+                .env(HOST_ENV, options.host_address_from_command().to_string());
+            &with_host
+        }
+        None => spec,
+    };
     match options.placement {
         Placement::Direct => run_direct(spec, options, stdout, stderr),
         Placement::HostVm => run_hostvm(spec, options, cache, stdout, stderr),
@@ -359,6 +409,10 @@ fn run_hostvm(
         return Err(HostVmError::NotRoot);
     }
     let prepare = Instant::now();
+    if options.network.is_some() {
+        // Init keeps forwarded traffic off the host's loopback with the host's nft.
+        packages::ensure(net::PACKAGES)?;
+    }
     let artifacts = artifacts::ensure(cache)?;
     tracing::debug!(
         took_ms = prepare.elapsed().as_millis(),
@@ -386,6 +440,7 @@ fn run_hostvm(
         qmp_socket: &qmp_socket,
         run_share: &run_share,
         shares: &shares,
+        network: options.network.as_ref(),
     };
     let started = Instant::now();
     let deadline = options.timeout.map(|t| (started + t, t));
@@ -403,6 +458,7 @@ fn run_hostvm(
                     attempt,
                     pid = vm.pid(),
                     ready_ms = vm.launched.elapsed().as_millis(),
+                    network = options.network.is_some(),
                     "host VM ready; command started"
                 );
                 let ready = Instant::now();
@@ -727,6 +783,55 @@ mod tests {
         assert_eq!(lines[..2], ["/usr", "here"]);
         // ONLY, PATH and what sh adds itself (PWD); nothing inherited.
         assert!(lines[2].trim().parse::<u32>().unwrap() <= 3, "{text}");
+    }
+
+    #[test]
+    fn test_direct_with_network_tells_the_command_the_host_is_local() {
+        let spec = CommandSpec::new(["sh", "-c", "echo \"$WRENN_HOSTVM_HOST\""])
+            .env(HOST_ENV, "stale value from the caller");
+        let cache = Cache::new("/nonexistent-wrenn-cache");
+        let mut out = Vec::new();
+        let options = RunOptions::new(Placement::Direct).network(HostVmNetwork::new());
+        assert_eq!(
+            run(&spec, &options, &cache, &mut out, &mut io::sink()).unwrap(),
+            0
+        );
+        assert_eq!(out, b"127.0.0.1\n");
+        // Without a network the environment is the spec's, untouched.
+        let mut out = Vec::new();
+        let options = RunOptions::new(Placement::Direct);
+        run(&spec, &options, &cache, &mut out, &mut io::sink()).unwrap();
+        assert_eq!(out, b"stale value from the caller\n");
+    }
+
+    #[test]
+    fn test_direct_with_invalid_network_fails_before_running() {
+        let host = "127.0.0.1:15008".parse().unwrap();
+        let options = RunOptions::new(Placement::Direct)
+            .network(HostVmNetwork::new().forward(host, 1).forward(host, 2));
+        let (cache, spec) = (Cache::new("/nonexistent"), CommandSpec::new(["true"]));
+        let err = run(&spec, &options, &cache, &mut io::sink(), &mut io::sink()).unwrap_err();
+        assert!(matches!(err, HostVmError::InvalidNetwork { .. }), "{err}");
+    }
+
+    #[test]
+    fn test_host_address_of_follows_placement_and_forwards() {
+        let net = HostVmNetwork::new().forward("127.0.0.1:15008".parse().unwrap(), 5008);
+        let direct = RunOptions::new(Placement::Direct);
+        assert_eq!(
+            direct.host_address_of(5008),
+            Some("127.0.0.1:5008".parse().unwrap())
+        );
+        assert_eq!(direct.host_address_from_command(), Ipv4Addr::LOCALHOST);
+        let vm = RunOptions::new(Placement::HostVm);
+        assert_eq!(vm.host_address_of(5008), None);
+        let vm = vm.network(net);
+        assert_eq!(
+            vm.host_address_of(5008),
+            Some("127.0.0.1:15008".parse().unwrap())
+        );
+        assert_eq!(vm.host_address_of(5009), None);
+        assert_eq!(vm.host_address_from_command(), HOST_ADDRESS_FROM_GUEST);
     }
 
     #[test]

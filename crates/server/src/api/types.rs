@@ -1,0 +1,291 @@
+//! The REST API's request and response bodies (also the OpenAPI schemas).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::db::hosts::HostRow;
+use crate::db::rfc3339;
+use crate::db::sandboxes::SandboxRow;
+use crate::db::templates::TemplateRow;
+
+/// Every error: the status's code, a message, and the request's id.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// `invalid_request`, `unauthenticated`, `permission_denied`, `not_found`,
+    /// `method_not_allowed`, `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `internal`, `host_error`, `unavailable` or `timeout`.
+    pub code: String,
+    pub message: String,
+    pub request_id: String,
+}
+
+/// Where a sandbox's traffic may go (CIDRs or addresses); a deny entry wins.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Egress {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    pub template: String,
+    /// `[a-z0-9][a-z0-9-]{0,62}`; absent: the server picks `sbx-` + 16 hex.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// 0 or absent: the template's.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// 1..=86400, default 300.
+    #[serde(default)]
+    pub timeout_seconds: Option<u32>,
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub egress: Option<Egress>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    pub template: String,
+    /// creating, running, pausing, paused, resuming, stopping, stopped, error or lost.
+    pub state: String,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub host_id: Option<String>,
+    pub timeout_seconds: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub expires_at: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub envd_access_token: String,
+    pub error: Option<String>,
+}
+
+impl From<SandboxRow> for Sandbox {
+    fn from(row: SandboxRow) -> Sandbox {
+        Sandbox {
+            id: row.id,
+            template: row.template,
+            state: row.state,
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            host_id: row.host_id,
+            timeout_seconds: row.timeout_seconds,
+            created_at: rfc3339(row.created_at),
+            updated_at: rfc3339(row.updated_at),
+            expires_at: row.expires_at.map(rfc3339),
+            metadata: row.metadata,
+            envd_access_token: row.envd_access_token,
+            error: row.error,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub cmd: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub stdin: Option<String>,
+    #[serde(default)]
+    pub timeout_seconds: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+    /// The output was cut (use exec/stream for large output).
+    pub truncated: bool,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    #[serde(default)]
+    pub timeout_seconds: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutRequest {
+    pub timeout_seconds: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileWritten {
+    pub path: String,
+    pub bytes_written: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReadFileRequest {
+    pub path: String,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub sandbox_id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub name: String,
+    /// `template` (built from an image) or `snapshot` (taken from a sandbox).
+    pub kind: String,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub source_sandbox_id: Option<String>,
+    pub size_bytes: i64,
+    pub created_at: String,
+    pub hosts: Vec<String>,
+}
+
+impl From<TemplateRow> for Snapshot {
+    fn from(row: TemplateRow) -> Snapshot {
+        Snapshot {
+            name: row.name,
+            kind: row.kind,
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            source_sandbox_id: row.source_sandbox_id,
+            size_bytes: row.size_bytes,
+            created_at: rfc3339(row.created_at),
+            hosts: row.hosts,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// Unknown fields are ignored here (unlike the API's other bodies), so that agents newer than
+/// the server can still register.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Heartbeat {
+    pub id: String,
+    /// The agent's base URL, reachable from the server.
+    pub address: String,
+    pub version: String,
+    pub vcpus_total: u32,
+    pub memory_mib_total: u64,
+    pub vcpus_used: u32,
+    pub memory_mib_used: u64,
+    pub sandboxes_running: u32,
+    /// The agent's shared-storage URL: hosts with the same value share templates and paused
+    /// sandboxes.
+    #[serde(default)]
+    pub storage: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatAck {
+    pub host_id: String,
+    pub heartbeat_interval_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub id: String,
+    pub address: String,
+    /// `ready` or `unreachable`.
+    pub state: String,
+    pub version: String,
+    pub vcpus_total: i64,
+    pub memory_mib_total: i64,
+    pub vcpus_used: i64,
+    pub memory_mib_used: i64,
+    pub sandboxes_running: i64,
+    pub storage: Option<String>,
+    pub last_heartbeat_at: String,
+    pub registered_at: String,
+}
+
+impl From<HostRow> for Host {
+    fn from(row: HostRow) -> Host {
+        Host {
+            id: row.id,
+            address: row.address,
+            state: row.state,
+            version: row.version,
+            vcpus_total: row.vcpus_total,
+            memory_mib_total: row.memory_mib_total,
+            vcpus_used: row.vcpus_used,
+            memory_mib_used: row.memory_mib_used,
+            sandboxes_running: row.sandboxes_running,
+            storage: row.storage,
+            last_heartbeat_at: rfc3339(row.last_heartbeat_at),
+            registered_at: rfc3339(row.registered_at),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostList {
+    pub hosts: Vec<Host>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedApiKey {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: String,
+    /// The key itself: shown this once only.
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyList {
+    pub api_keys: Vec<ApiKey>,
+}
