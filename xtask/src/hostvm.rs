@@ -53,11 +53,13 @@ pub fn run_argv(
     env: &[(&str, &str)],
     out: &mut dyn Write,
 ) -> Result<i32> {
-    run_argv_with(cache, argv, env, out, None, None, None)
+    run_argv_with(cache, argv, env, out, None, None, None, false)
 }
 
 /// [`run_argv`] with the host VM's vCPUs, a wall-clock limit and a limit on silence (`None`:
-/// the defaults). A stall is returned as `wrenn_hostvm::HostVmError::Stalled`.
+/// the defaults), and a network to this machine (reached at `WRENN_HOSTVM_HOST`). A stall is
+/// returned as `wrenn_hostvm::HostVmError::Stalled`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_argv_with(
     cache: &Cache,
     argv: &[OsString],
@@ -66,10 +68,14 @@ pub fn run_argv_with(
     cpus: Option<u32>,
     timeout: Option<Duration>,
     quiet_timeout: Option<Duration>,
+    network: bool,
 ) -> Result<i32> {
     let mut options =
         RunOptions::new(wrenn_hostvm::decide()?.placement).with_overrides(cpus, None, timeout);
     options.quiet_timeout = quiet_timeout;
+    if network {
+        options = options.network(wrenn_hostvm::HostVmNetwork::new());
+    }
     let spec = spec(cache, argv, env);
     Ok(wrenn_hostvm::run(
         &spec,

@@ -143,7 +143,12 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
     }
     if !args.host_only {
         eprintln!("==> VM tests: {} binaries", vm.len());
-        tally.add(run_vm_binaries(cache, &vm, args.filter.as_deref())?);
+        tally.add(run_vm_binaries(
+            cache,
+            &vm,
+            args.filter.as_deref(),
+            &postgres,
+        )?);
     }
     println!();
     if tally.broken > 0 {
@@ -265,8 +270,14 @@ fn run_binaries(
     total
 }
 
-/// Runs the VM test binaries where a usable KVM exists.
-fn run_vm_binaries(cache: &Cache, binaries: &[TestBinary], filter: Option<&str>) -> Result<Tally> {
+/// Runs the VM test binaries where a usable KVM exists, with a network to this machine (the
+/// control plane's VM tests use its PostgreSQL).
+fn run_vm_binaries(
+    cache: &Cache,
+    binaries: &[TestBinary],
+    filter: Option<&str>,
+    postgres: &crate::postgres::Postgres,
+) -> Result<Tally> {
     if binaries.is_empty() {
         return Ok(Tally::default());
     }
@@ -288,6 +299,11 @@ fn run_vm_binaries(cache: &Cache, binaries: &[TestBinary], filter: Option<&str>)
     if let Some(filter) = filter {
         argv.extend(["--filter".into(), filter.into()]);
     }
+    let host = match wrenn_hostvm::decide()?.placement {
+        wrenn_hostvm::Placement::HostVm => wrenn_hostvm::HOST_ADDRESS_FROM_GUEST.to_string(),
+        wrenn_hostvm::Placement::Direct => "127.0.0.1".to_owned(),
+    };
+    let postgres_url = postgres.url(&host);
     let mut tee = TallyWriter::new(std::io::stdout());
     // One host VM vCPU: with two, the emulated host VM has been seen to livelock for many
     // minutes under nested guests (its vCPUs spin; QEMU guests inside hit it too). Rarely it
@@ -300,11 +316,15 @@ fn run_vm_binaries(cache: &Cache, binaries: &[TestBinary], filter: Option<&str>)
         let run = crate::hostvm::run_argv_with(
             cache,
             &argv,
-            &[("WRENN_REQUIRE_KVM", "1")],
+            &[
+                ("WRENN_REQUIRE_KVM", "1"),
+                (crate::postgres::URL_ENV, &postgres_url),
+            ],
             &mut tee,
             Some(VM_PHASE_CPUS),
             Some(VM_PHASE_TIMEOUT),
             Some(VM_PHASE_QUIET),
+            true,
         );
         match run {
             Err(e)

@@ -1,7 +1,9 @@
 //! `wrenn`: the product's command.
 //!
-//! - `wrenn up`: build (or reuse) the guest, start the host VM where this machine's KVM cannot
-//!   run Linux guests, check the KVM there by booting a guest, and stay up until Ctrl-C.
+//! - `wrenn up`: the guest built (or reused), the control plane and a host agent started (the
+//!   agent inside the host VM where this machine's KVM cannot run Linux guests), the `base`
+//!   template ready, an API key printed; stays up until Ctrl-C.
+//! - `wrenn server`: the control plane; `wrenn keys create`: an API key.
 //! - `wrenn guest build|show`: the guest kernel and images (which hold envd: `WRENN_ENVD`, or
 //!   built static from the workspace).
 //! - `wrenn hostvm -- CMD...`: run CMD where a usable KVM exists.
@@ -13,6 +15,7 @@
 
 mod agent;
 mod client;
+mod server;
 mod up;
 
 use std::ffi::OsString;
@@ -56,6 +59,11 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Build, list or delete templates through the agent.
     Template(agent::TemplateArgs),
+    /// Run the control plane: the REST API over host agents, its database, the reconciler.
+    Server(server::ServerArgs),
+    /// API keys, made straight in the control plane's database.
+    #[command(subcommand)]
+    Keys(server::KeysCommand),
     /// Sandboxes through the control plane: create, list, get, exec, pause, resume, rm.
     Sandbox {
         #[command(flatten)]
@@ -197,6 +205,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Template(args) => {
             agent::run_template(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Server(args) => {
+            server::run_server(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(command) => {
+            server::run_keys(command)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sandbox { api, command } => client::run_sandbox(&api, command),

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod metrics;
 pub mod openapi;
 pub mod placement;
+mod proxy;
 pub mod reconciler;
 
 use std::net::SocketAddr;

@@ -75,6 +75,7 @@ pub(crate) fn router(state: Arc<Shared>, extra_protected: Router, extra_public: 
         .route("/v1/api-keys", post(keys::create).get(keys::list))
         .route("/v1/api-keys/{id}", delete(keys::destroy))
         .with_state(state.clone())
+        .merge(crate::proxy::routes(state.clone()))
         .merge(extra_protected)
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     let public = Router::new()
@@ -99,7 +100,8 @@ pub(crate) fn router(state: Arc<Shared>, extra_protected: Router, extra_public: 
             )
         })
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
-        .layer(from_fn_with_state(state, request_context))
+        .layer(from_fn_with_state(state.clone(), request_context))
+        .layer(from_fn_with_state(state, crate::proxy::by_host))
 }
 
 /// Gives every request an id (the client's if sane), a tracing span, a metrics count, and
@@ -150,7 +152,11 @@ async fn request_context(
 /// Turns an error response (ours or axum's) into the JSON error body.
 async fn render_error(response: Response, request_id: &str) -> Response {
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
+    let from_sandbox = response
+        .extensions()
+        .get::<crate::proxy::Proxied>()
+        .is_some();
+    if !(status.is_client_error() || status.is_server_error()) || from_sandbox {
         return response;
     }
     let (mut parts, body) = response.into_parts();
