@@ -14,6 +14,9 @@
 //! `agent`: the host agent's create (beside the raw restore), exec, pause, resume, parallel
 //! creates and idle memory, in one host VM run (see `bench_agent.rs`).
 //!
+//! `api`: the control plane's create and exec beside the agent's and envd's own, and its list
+//! throughput with 1000 sandboxes on SQLite and PostgreSQL (see `bench_api.rs`).
+//!
 //! `guest`: the foundation's baselines: kernel and image build times and sizes (as recorded
 //! when they were built, or rebuilt now with `--rebuild`), the host VM's boot to a running
 //! command, and our guest's boot to its ready marker under QEMU microvm on the host VM's KVM,
@@ -33,7 +36,7 @@ use wrenn_image::guest;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmark to run: `guest`, `vmm`, `snapshot`, `envd` or `agent`.
+    /// Benchmark to run: `guest`, `vmm`, `snapshot`, `envd`, `agent` or `api`.
     name: String,
     /// Samples per measurement (default: 5 for `guest`, 10 for `vmm` and `snapshot`; for `envd`
     /// the throughput rounds, default 3).
@@ -58,8 +61,10 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
         "envd" => crate::bench_envd::run(args.runs),
         "agent" if args.inner => crate::bench_agent::inner(args.runs),
         "agent" => crate::bench_agent::outer(cache, args.runs),
+        "api" if args.inner => crate::bench_api::inner(args.runs),
+        "api" => crate::bench_api::outer(cache, args.runs),
         other => {
-            bail!("unknown benchmark {other:?}; available: guest, vmm, snapshot, envd, agent")
+            bail!("unknown benchmark {other:?}; available: guest, vmm, snapshot, envd, agent, api")
         }
     }
 }

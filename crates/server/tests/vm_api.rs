@@ -130,6 +130,7 @@ struct Api {
     key: String,
     http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Api {
@@ -153,6 +154,18 @@ impl Api {
                 .await
                 .unwrap()
                 .key;
+            // The agent's own heartbeat task registers it, as `wrenn agent --server` does.
+            let heartbeat = wrenn_agent::heartbeat::spawn(
+                world.manager.clone(),
+                wrenn_agent::heartbeat::HeartbeatConfig {
+                    server_url: base.clone(),
+                    join_token: JOIN_TOKEN.into(),
+                    host_id: "vm".into(),
+                    advertise_url: world.agent_url.clone(),
+                    storage: None,
+                    interval: wrenn_agent::heartbeat::DEFAULT_INTERVAL,
+                },
+            );
             let api = Api {
                 server: Some(server),
                 database_url: database_url.to_owned(),
@@ -160,9 +173,18 @@ impl Api {
                 key,
                 http: reqwest::Client::new(),
                 stop: Some(stop),
+                heartbeat: Some(heartbeat),
             };
-            api.heartbeat().await;
-            api.server().reconcile_once().await;
+            // Registered, and the template learned from the host.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                api.server().reconcile_once().await;
+                if api.server().db().template(TEMPLATE).await.unwrap().is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the agent never registered");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             api
         })
     }
@@ -171,28 +193,13 @@ impl Api {
         self.server.as_ref().unwrap()
     }
 
-    /// Registers the shared agent as host `vm` (what its heartbeat task sends).
-    async fn heartbeat(&self) {
-        let status = self
-            .http
-            .post(format!("{}/v1/hosts/heartbeat", self.base))
-            .bearer_auth(JOIN_TOKEN)
-            .json(&json!({
-                "id": "vm", "address": world().agent_url, "version": "test",
-                "vcpus_total": 16, "memory_mib_total": 8192, "vcpus_used": 0,
-                "memory_mib_used": 0, "sandboxes_running": 0, "storage": null,
-            }))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, 200);
-    }
-
     /// Stops serving and the background tasks; the database stays.
     fn stop(mut self) -> String {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
         }
         if let Some(server) = self.server.take() {
             world().rt.block_on(server.stop());
@@ -289,6 +296,9 @@ impl Drop for Api {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
         }
     }
 }
