@@ -268,7 +268,11 @@ async fn measure(vmm: PathBuf, runs: usize) -> Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let agent_url = format!("http://{}", listener.local_addr()?);
     let app = wrenn_agent::server::app(manager.clone(), Arc::new(TestImage));
-    tokio::spawn(wrenn_agent::server::serve(listener, app, std::future::pending()));
+    tokio::spawn(wrenn_agent::server::serve(
+        listener,
+        app,
+        std::future::pending(),
+    ));
     manager
         .build_template(BuildRequest {
             name: "bench".into(),
@@ -281,8 +285,7 @@ async fn measure(vmm: PathBuf, runs: usize) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("building the template: {e}"))?;
 
-    let mut server_config =
-        ServerConfig::new(format!("sqlite://{}/api.db", dir.path().display()));
+    let mut server_config = ServerConfig::new(format!("sqlite://{}/api.db", dir.path().display()));
     server_config.join_token = JOIN_TOKEN.into();
     server_config.reconcile_interval = Duration::from_secs(3600);
     let server = Server::start(server_config).await?;

@@ -40,7 +40,19 @@ pub(crate) fn routes(state: Arc<Shared>) -> Router {
         .with_state(state)
 }
 
-async fn by_path(
+/// Any method is forwarded; the document shows GET (the methods are the sandbox service's).
+#[utoipa::path(get, operation_id = "proxy_port", path = "/v1/sandboxes/{id}/ports/{port}/{path}", tag = "sandboxes",
+    params(
+        ("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$", description = "the sandbox"),
+        ("port" = u16, Path, minimum = 1, maximum = 65535, description = "a TCP port inside the sandbox"),
+        ("path" = String, Path, description = "the path on the sandbox's service (query kept)"),
+    ),
+    responses(
+        (status = 200, description = "the sandbox service's answer, passed through untouched (any status, headers and body; WebSocket upgrades too)"),
+        (status = 404, body = ErrorBody, description = "no such sandbox"),
+        (status = 409, body = ErrorBody, description = "the sandbox is not running"),
+    ))]
+pub(crate) async fn by_path(
     State(shared): State<Arc<Shared>>,
     Path(params): Path<Vec<(String, String)>>,
     mut request: Request,

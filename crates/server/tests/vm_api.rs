@@ -179,7 +179,14 @@ impl Api {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 api.server().reconcile_once().await;
-                if api.server().db().template(TEMPLATE).await.unwrap().is_some() {
+                if api
+                    .server()
+                    .db()
+                    .template(TEMPLATE)
+                    .await
+                    .unwrap()
+                    .is_some()
+                {
                     break;
                 }
                 assert!(Instant::now() < deadline, "the agent never registered");

@@ -108,7 +108,7 @@ pub async fn list(State(shared): State<Arc<Shared>>) -> Result<Json<HostList>, A
     }))
 }
 
-#[utoipa::path(delete, operation_id = "delete_host", path = "/v1/hosts/{id}", tag = "hosts", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "delete_host", path = "/v1/hosts/{id}", tag = "hosts", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     responses((status = 204), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "the host has live sandboxes")))]
 pub async fn destroy(

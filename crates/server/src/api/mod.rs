@@ -282,7 +282,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Like [`JsonBody`], but an empty body means the type's default.
+/// Like [`JsonBody`], but an empty body (or JSON `null`) means the type's default.
 #[derive(Debug)]
 pub struct OptionalJson<T>(pub T);
 
@@ -300,8 +300,8 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
         if !json {
             return Err(unsupported_media_type().into_response());
         }
-        parse(&bytes)
-            .map(OptionalJson)
+        parse::<Option<T>>(&bytes)
+            .map(|value| OptionalJson(value.unwrap_or_default()))
             .map_err(IntoResponse::into_response)
     }
 }

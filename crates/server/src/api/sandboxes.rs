@@ -131,10 +131,10 @@ pub async fn create(
         || request
             .metadata
             .iter()
-            .any(|(k, v)| k.is_empty() || k.len() > 256 || v.len() > 4096)
+            .any(|(k, v)| k.is_empty() || k.chars().count() > 256 || v.chars().count() > 4096)
     {
         return Err(ApiError::bad_request(
-            "metadata: at most 64 entries, keys 1 to 256 bytes, values up to 4096 bytes",
+            "metadata: at most 64 entries, keys 1 to 256 characters, values up to 4096 characters",
         ));
     }
     if let Some(existing) = shared.db.sandbox(&id).await? {
@@ -293,8 +293,9 @@ async fn create_detached(
 }
 
 #[utoipa::path(get, operation_id = "list_sandboxes", path = "/v1/sandboxes", tag = "sandboxes",
-    params(("state" = Option<String>, Query, description = "comma-separated states; default every state but stopped"),
-        ("template" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1..=1000, default 100"),
+    params(("state" = Option<String>, Query, pattern = "^((creating|running|pausing|paused|resuming|stopping|stopped|error|lost)(,(creating|running|pausing|paused|resuming|stopping|stopped|error|lost))*)?$",
+            description = "comma-separated states; absent or empty: every state but stopped"),
+        ("template" = Option<String>, Query), ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1..=1000, default 100"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
         ("metadata.KEY" = Option<String>, Query, description = "only sandboxes whose metadata KEY has this value")),
     responses((status = 200, body = SandboxList), (status = 400, body = ErrorBody)))]
@@ -308,8 +309,9 @@ pub async fn list(
     };
     for (key, value) in query {
         match key.as_str() {
+            "state" if value.is_empty() => {}
             "state" => {
-                for s in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                for s in value.split(',') {
                     if !state::ALL.contains(&s) {
                         return Err(ApiError::bad_request(format!("unknown state {s:?}")));
                     }
@@ -356,7 +358,7 @@ fn decode_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
     Ok((at.parse().map_err(|_| bad())?, id.to_owned()))
 }
 
-#[utoipa::path(get, operation_id = "get_sandbox", path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "get_sandbox", path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
 pub async fn get_one(
     State(shared): Shd,
@@ -365,7 +367,7 @@ pub async fn get_one(
     Ok(Json(load(&shared, &id).await?.into()))
 }
 
-#[utoipa::path(delete, operation_id = "delete_sandbox", path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "delete_sandbox", path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     responses((status = 204, description = "destroyed (or already stopped)"), (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 pub async fn destroy(State(shared): Shd, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
@@ -492,7 +494,7 @@ fn exec_deadline(request: &ExecRequest) -> Duration {
     }
 }
 
-#[utoipa::path(post, operation_id = "exec", path = "/v1/sandboxes/{id}/exec", tag = "sandboxes", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "exec", path = "/v1/sandboxes/{id}/exec", tag = "sandboxes", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body = ExecRequest,
     responses((status = 200, body = ExecResult, description = "the command ran (any exit code)"),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "not running")))]
@@ -536,7 +538,7 @@ fn exec_event(event: pb::ExecEvent) -> Option<Result<Event, Infallible>> {
     })
 }
 
-#[utoipa::path(post, operation_id = "exec_stream", path = "/v1/sandboxes/{id}/exec/stream", tag = "sandboxes", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "exec_stream", path = "/v1/sandboxes/{id}/exec/stream", tag = "sandboxes", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body = ExecRequest,
     responses((status = 200, content_type = "text/event-stream", body = String,
         description = "events start {pid}, stdout/stderr {data: base64}, exit {exit_code}, error {code, message}"),
@@ -596,7 +598,7 @@ pub async fn exec_stream(
         .into_response())
 }
 
-#[utoipa::path(post, operation_id = "pause_sandbox", path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "pause_sandbox", path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn pause(State(shared): Shd, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
     let row = load(&shared, &id).await?;
@@ -655,7 +657,7 @@ async fn pause_detached(shared: Arc<Shared>, row: SandboxRow) -> Result<Json<San
     }
 }
 
-#[utoipa::path(post, operation_id = "resume_sandbox", path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "resume_sandbox", path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body(content = Option<ResumeRequest>, description = "may be empty"),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
@@ -761,7 +763,7 @@ async fn resume_detached(
     }
 }
 
-#[utoipa::path(post, operation_id = "set_sandbox_timeout", path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "set_sandbox_timeout", path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body = TimeoutRequest,
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn set_timeout(
@@ -832,7 +834,7 @@ fn request_stream(
 
 const UPLOAD_CHUNK: usize = 512 * 1024;
 
-#[utoipa::path(post, operation_id = "upload_file", path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "upload_file", path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body(content_type = "multipart/form-data", content = String,
         description = "text field `path` (first), optional `user`, then file field `file`"),
     responses((status = 200, body = FileWritten), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -952,7 +954,7 @@ async fn feed_upload(
     }
 }
 
-#[utoipa::path(post, operation_id = "read_file", path = "/v1/sandboxes/{id}/files/read", tag = "files", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "read_file", path = "/v1/sandboxes/{id}/files/read", tag = "files", params(("id" = String, Path, pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body = ReadFileRequest,
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
         (status = 404, body = ErrorBody, description = "no such sandbox or file")))]

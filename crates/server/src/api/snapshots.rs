@@ -143,7 +143,7 @@ pub async fn list(State(shared): State<Arc<Shared>>) -> Result<Json<SnapshotList
     }))
 }
 
-#[utoipa::path(get, operation_id = "get_snapshot", path = "/v1/snapshots/{name}", tag = "snapshots", params(("name" = String, Path)),
+#[utoipa::path(get, operation_id = "get_snapshot", path = "/v1/snapshots/{name}", tag = "snapshots", params(("name" = String, Path, pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$")),
     responses((status = 200, body = Snapshot), (status = 404, body = ErrorBody)))]
 pub async fn get_one(
     State(shared): State<Arc<Shared>>,
@@ -157,7 +157,7 @@ pub async fn get_one(
     Ok(Json(row.into()))
 }
 
-#[utoipa::path(delete, operation_id = "delete_snapshot", path = "/v1/snapshots/{name}", tag = "snapshots", params(("name" = String, Path)),
+#[utoipa::path(delete, operation_id = "delete_snapshot", path = "/v1/snapshots/{name}", tag = "snapshots", params(("name" = String, Path, pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$")),
     responses((status = 204), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "sandboxes run from it")))]
 pub async fn destroy(

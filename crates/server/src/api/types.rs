@@ -10,6 +10,90 @@ use crate::db::rfc3339;
 use crate::db::sandboxes::SandboxRow;
 use crate::db::templates::TemplateRow;
 
+/// Integers of request bodies also accept a JSON number with a zero fraction (`300.0`): JSON
+/// Schema calls it an integer, and clients (JavaScript's among them) may send one.
+mod whole {
+    use serde::de::{Deserialize, Deserializer, Error, Visitor};
+
+    /// A non-negative whole number, however the JSON spelled it.
+    pub struct Whole(pub u64);
+
+    impl<'de> Deserialize<'de> for Whole {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Whole, D::Error> {
+            deserializer.deserialize_any(WholeVisitor)
+        }
+    }
+
+    struct WholeVisitor;
+
+    impl Visitor<'_> for WholeVisitor {
+        type Value = Whole;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+        fn visit_u64<E: Error>(self, n: u64) -> Result<Whole, E> {
+            Ok(Whole(n))
+        }
+        fn visit_i64<E: Error>(self, n: i64) -> Result<Whole, E> {
+            u64::try_from(n)
+                .map(Whole)
+                .map_err(|_| E::custom(format!("{n} is negative; expected a non-negative integer")))
+        }
+        fn visit_f64<E: Error>(self, n: f64) -> Result<Whole, E> {
+            // Printed without a fraction and parsed back: no lossy cast, and anything that is
+            // not a whole number within u64 is refused.
+            if n == 0.0 {
+                // -0.0 too.
+                return Ok(Whole(0));
+            }
+            let text = format!("{n:.0}");
+            match text.parse::<u64>() {
+                Ok(value) if n.fract() == 0.0 => Ok(Whole(value)),
+                _ => Err(E::custom(format!("{n} is not a non-negative integer"))),
+            }
+        }
+    }
+
+    fn narrow<T: TryFrom<u64>, E: Error>(n: u64) -> Result<T, E> {
+        T::try_from(n).map_err(|_| E::custom(format!("{n} is too large")))
+    }
+
+    pub fn u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+        narrow(Whole::deserialize(deserializer)?.0)
+    }
+
+    pub fn u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        Ok(Whole::deserialize(deserializer)?.0)
+    }
+
+    pub fn option_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+        Option::<Whole>::deserialize(deserializer)?
+            .map(|w| narrow(w.0))
+            .transpose()
+    }
+}
+
+/// Metadata: at most 64 entries, keys 1 to 256 characters, values up to 4096 characters.
+fn metadata_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .max_properties(Some(64))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(256)),
+        ))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(4096)),
+        ))
+        .build()
+}
+
 /// Every error: the status's code, a message, and the request's id.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -34,21 +118,26 @@ pub struct Egress {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
+    #[schema(pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub template: String,
     /// `[a-z0-9][a-z0-9-]{0,62}`; absent: the server picks `sbx-` + 16 hex.
     #[serde(default)]
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
     pub id: Option<String>,
     /// 0 or absent: the template's.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option_u32")]
     pub vcpus: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option_u32")]
     pub memory_mib: Option<u32>,
     /// 1..=86400, default 300.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option_u32")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_seconds: Option<u32>,
     #[serde(default)]
     pub env_vars: BTreeMap<String, String>,
+    /// At most 64 entries; keys 1 to 256 characters, values up to 4096.
     #[serde(default)]
+    #[schema(schema_with = metadata_schema)]
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub egress: Option<Egress>,
@@ -102,18 +191,25 @@ pub struct SandboxList {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
+    #[schema(min_length = 1)]
     pub cmd: String,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A path in the sandbox (see `ReadFileRequest.path`).
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = r"^([^/\x00.][^/\x00]*|\.|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)?(/([^/\x00.][^/\x00]*|\.|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)?)*$"
+    )]
     pub cwd: Option<String>,
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
     pub stdin: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option_u32")]
     pub timeout_seconds: Option<u32>,
 }
 
@@ -130,13 +226,17 @@ pub struct ExecResult {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResumeRequest {
-    #[serde(default)]
+    /// 1..=86400; absent: the sandbox's.
+    #[serde(default, deserialize_with = "whole::option_u32")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutRequest {
+    #[serde(deserialize_with = "whole::u32")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_seconds: u32,
 }
 
@@ -149,6 +249,15 @@ pub struct FileWritten {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReadFileRequest {
+    /// Non-empty, no NUL, no `..` component, at most 4096 bytes (the schema says 1024
+    /// characters, which any UTF-8 encoding keeps within that); relative paths are relative to
+    /// the user's home. The pattern spells out "segments separated by `/`, none of them `..`,
+    /// no NUL" without look-ahead, so that every tool can use it.
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = r"^([^/\x00.][^/\x00]*|\.|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)?(/([^/\x00.][^/\x00]*|\.|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+)?)*$"
+    )]
     pub path: String,
     #[serde(default)]
     pub user: Option<String>,
@@ -157,7 +266,9 @@ pub struct ReadFileRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
     pub sandbox_id: String,
+    #[schema(pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
 }
 
@@ -202,10 +313,15 @@ pub struct Heartbeat {
     /// The agent's base URL, reachable from the server.
     pub address: String,
     pub version: String,
+    #[serde(deserialize_with = "whole::u32")]
     pub vcpus_total: u32,
+    #[serde(deserialize_with = "whole::u64")]
     pub memory_mib_total: u64,
+    #[serde(deserialize_with = "whole::u32")]
     pub vcpus_used: u32,
+    #[serde(deserialize_with = "whole::u64")]
     pub memory_mib_used: u64,
+    #[serde(deserialize_with = "whole::u32")]
     pub sandboxes_running: u32,
     /// The agent's shared-storage URL: hosts with the same value share templates and paused
     /// sandboxes.
@@ -263,6 +379,7 @@ pub struct HostList {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
+    #[schema(min_length = 1, max_length = 128)]
     pub name: String,
 }
 
@@ -288,4 +405,51 @@ pub struct ApiKey {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ApiKeyList {
     pub api_keys: Vec<ApiKey>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_may_be_spelled_as_whole_floats() {
+        let parse = |json: &str| serde_json::from_str::<TimeoutRequest>(json);
+        assert_eq!(
+            parse(r#"{"timeout_seconds": 300}"#)
+                .unwrap()
+                .timeout_seconds,
+            300
+        );
+        assert_eq!(
+            parse(r#"{"timeout_seconds": 300.0}"#)
+                .unwrap()
+                .timeout_seconds,
+            300
+        );
+        assert_eq!(
+            parse(r#"{"timeout_seconds": -0.0}"#)
+                .unwrap()
+                .timeout_seconds,
+            0
+        );
+        for bad in [
+            "300.5",
+            "-1",
+            "-1.0",
+            "1e300",
+            "4294967296",
+            "\"300\"",
+            "null",
+        ] {
+            assert!(
+                parse(&format!(r#"{{"timeout_seconds": {bad}}}"#)).is_err(),
+                "{bad} was accepted"
+            );
+        }
+        let resume: ResumeRequest = serde_json::from_str(r#"{"timeout_seconds": 60.0}"#).unwrap();
+        assert_eq!(resume.timeout_seconds, Some(60));
+        let resume: ResumeRequest = serde_json::from_str(r#"{"timeout_seconds": null}"#).unwrap();
+        assert_eq!(resume.timeout_seconds, None);
+        assert!(serde_json::from_str::<ResumeRequest>(r#"{"timeout_seconds": 1.5}"#).is_err());
+    }
 }
