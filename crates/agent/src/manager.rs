@@ -1107,7 +1107,7 @@ impl Manager {
                 .unwrap_or_else(PoisonError::into_inner);
             self.check_capacity(&sandboxes, request.vcpus, request.memory_mib)?;
         }
-        let image = self.keep_image(&request.image)?;
+        let image = self.keep_image(&request.image).await?;
         let drive = DriveId::new(ROOT_DRIVE).expect("a valid drive id");
         let image_build = self
             .store
@@ -1166,17 +1166,25 @@ impl Manager {
     /// A hard link to (or, across file systems, a copy of) the image in the agent's data
     /// directory: the template's disk reads it for as long as the template lives, whatever
     /// happens to the original (a cache may prune it).
-    fn keep_image(&self, image: &Path) -> Result<PathBuf, ManagerError> {
+    async fn keep_image(&self, image: &Path) -> Result<PathBuf, ManagerError> {
         let id = BuildId::random().map_err(|e| ManagerError::internal("naming the image", &e))?;
         let kept = self
             .config
             .data_dir
             .join("images")
             .join(format!("{id}.ext4"));
-        if std::fs::hard_link(image, &kept).is_err() {
-            std::fs::copy(image, &kept)
-                .map_err(|e| ManagerError::internal(&format!("copying {}", image.display()), &e))?;
-        }
+        let (from, to) = (image.to_owned(), kept.clone());
+        tokio::task::spawn_blocking(move || {
+            if std::fs::hard_link(&from, &to).is_ok() {
+                return Ok(());
+            }
+            copy_sparse(&from, &to).inspect_err(|_| {
+                let _ = std::fs::remove_file(&to);
+            })
+        })
+        .await
+        .map_err(|e| ManagerError::internal("copying the image", &e))?
+        .map_err(|e| ManagerError::internal(&format!("copying {}", image.display()), &e))?;
         Ok(kept)
     }
 
@@ -1793,6 +1801,42 @@ async fn wait_ready(vmm: &Vmm, envd: &EnvdClient, timeout: Duration) -> Result<(
     }
 }
 
+/// Copies `from` to a new file `to`, leaving holes where `from` reads as zeros: a disk image
+/// is mostly empty, and a plain copy across filesystems would write every zero.
+fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    const CHUNK: usize = 1 << 20;
+    let mut source = std::fs::File::open(from)?;
+    let mut target = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    let mut buffer = vec![0u8; CHUNK];
+    let mut length = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < CHUNK {
+            let n = source.read(&mut buffer[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        let chunk = &buffer[..filled];
+        if chunk.iter().all(|&b| b == 0) {
+            target.seek(SeekFrom::Current(i64::try_from(filled).unwrap_or(i64::MAX)))?;
+        } else {
+            target.write_all(chunk)?;
+        }
+        length += filled as u64;
+    }
+    target.set_len(length)?;
+    target.sync_all()
+}
+
 /// The last `lines` lines of a text file, for errors (empty when unreadable).
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read(path).unwrap_or_default();
@@ -1813,4 +1857,30 @@ fn load_records(dir: &Path) -> Vec<Record> {
         }
     }
     records
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_copy_sparse_keeps_the_bytes_and_leaves_zeros_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("image");
+        // 8 MiB: data at the start, a zero MiB written out, data at the end.
+        let mut bytes = vec![0u8; 8 << 20];
+        bytes[..4096].fill(0xab);
+        let tail = bytes.len() - 10;
+        bytes[tail..].fill(0xcd);
+        std::fs::write(&from, &bytes).unwrap();
+        let to = dir.path().join("copy");
+        copy_sparse(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), bytes);
+        // Two data MiB allocated at most, not eight.
+        let allocated = std::fs::metadata(&to).unwrap().blocks() * 512;
+        assert!(allocated <= 2 << 20, "{allocated} bytes allocated");
+        // An existing file is never overwritten.
+        assert!(copy_sparse(&from, &to).is_err());
+    }
 }

@@ -58,6 +58,9 @@ pub struct Args {
     /// Memory of the base template, in MiB.
     #[arg(long, default_value_t = 512)]
     template_memory_mib: u32,
+    /// Memory of the host VM, in MiB, where one is needed (sandboxes live in it).
+    #[arg(long, default_value_t = 8192)]
+    hostvm_memory_mib: u32,
     /// Start everything, create a sandbox and run a command in it, then stop.
     #[arg(long)]
     check: bool,
@@ -125,10 +128,11 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
         let _ = stopped.await;
     }));
 
+    let base_image = stage_base_image(&built, &agent_dir)?;
     let mut agent = start_agent(cache, &args, &decision.placement, &vmm, &agent_dir, &config)?;
     let outcome = runtime.block_on(async {
         tokio::select! {
-            ready = bring_up(&server, &args, &mut agent) => ready,
+            ready = bring_up(&server, &args, &base_image, &mut agent) => ready,
             () = crate::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
         }
     });
@@ -225,6 +229,36 @@ fn ensure_vmm() -> Result<PathBuf> {
     Ok(sibling)
 }
 
+/// The base image, linked (or sparsely copied) into the agent's data directory here, so that the
+/// agent keeps it with a hard link of its own even inside the host VM, where the cache and the
+/// data directory are different mounts and a copy would cross them.
+fn stage_base_image(built: &guest::Guest, agent_dir: &Path) -> Result<PathBuf> {
+    let entry = built
+        .base
+        .as_ref()
+        .context("the guest build has no base image")?;
+    let image = entry.file(wrenn_image::rootfs::IMAGE_FILE);
+    let dir = agent_dir.join("images");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let staged = dir.join(format!("base-{}.ext4", entry.manifest.key));
+    if staged.is_file() {
+        return Ok(staged);
+    }
+    if std::fs::hard_link(&image, &staged).is_err() {
+        let status = std::process::Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(&image)
+            .arg(&staged)
+            .status()
+            .context("running cp")?;
+        if !status.success() {
+            let _ = std::fs::remove_file(&staged);
+            bail!("copying {} to {} failed", image.display(), staged.display());
+        }
+    }
+    Ok(staged)
+}
+
 /// Starts `wrenn agent`, registered with the control plane at `config.listen`.
 fn start_agent(
     cache: &Cache,
@@ -290,7 +324,10 @@ fn start_agent(
                 "==> starting the host VM for the agent (this machine's KVM cannot run Linux guests)"
             );
             let forward = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            // One vCPU: with two, the emulated host VM has been seen to livelock under nested
+            // guests (the test suite and the benches run it the same way).
             let options = RunOptions::new(Placement::HostVm)
+                .with_overrides(Some(1), Some(args.hostvm_memory_mib), None)
                 .network(HostVmNetwork::new().forward(forward, port));
             let spec = CommandSpec::new(argv)
                 .env(token.0, token.1)
@@ -314,7 +351,12 @@ fn start_agent(
 }
 
 /// Waits for the agent, makes sure of the template, and returns the API key to show.
-async fn bring_up(server: &Server, args: &Args, agent: &mut AgentProcess) -> Result<String> {
+async fn bring_up(
+    server: &Server,
+    args: &Args,
+    base_image: &Path,
+    agent: &mut AgentProcess,
+) -> Result<String> {
     let agent_url = format!("http://127.0.0.1:{}", args.agent_port);
     let client = HostAgentClient::new(
         HttpClient::plaintext(),
@@ -355,7 +397,7 @@ async fn bring_up(server: &Server, args: &Args, agent: &mut AgentProcess) -> Res
             .build_template_with_options(
                 BuildTemplateRequest {
                     name: TEMPLATE.into(),
-                    image: "base".into(),
+                    image: base_image.display().to_string(),
                     vcpus: args.template_vcpus,
                     memory_mib: args.template_memory_mib,
                     ..Default::default()
@@ -431,6 +473,7 @@ fn print_welcome(args: &Args, key: &str) {
         println!();
         println!("Ctrl-C stops Wrenn.");
     }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
 }
 
 /// `--check`: one sandbox through the REST API, as a user would.

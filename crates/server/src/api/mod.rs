@@ -135,12 +135,18 @@ async fn request_context(
         .await;
     let mut response = render_error(response, &id).instrument(span.clone()).await;
     let status = response.status();
+    // Heartbeats and probes come every few seconds: they would drown the access log.
+    let routine = matches!(
+        route.as_str(),
+        "/v1/hosts/heartbeat" | "/healthz" | "/metrics"
+    ) && status.is_success();
     span.in_scope(|| {
-        tracing::info!(
-            status = status.as_u16(),
-            elapsed_ms = start.elapsed().as_millis(),
-            "answered"
-        );
+        let elapsed_ms = start.elapsed().as_millis();
+        if routine {
+            tracing::debug!(status = status.as_u16(), elapsed_ms, "answered");
+        } else {
+            tracing::info!(status = status.as_u16(), elapsed_ms, "answered");
+        }
     });
     state.metrics.request(&route, status.as_u16());
     if let Ok(value) = HeaderValue::from_str(&id) {
