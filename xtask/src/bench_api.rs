@@ -62,7 +62,7 @@ pub fn outer(cache: &Cache, runs: Option<usize>) -> Result<ExitCode> {
     let pg = rt.block_on(fresh_postgres_database(&postgres.url("127.0.0.1")))?;
     let mut lists = Vec::new();
     for (backend, url) in [("sqlite", sqlite.as_str()), ("postgres", pg.as_str())] {
-        let key = rt.block_on(fill(url))?;
+        let key = rt.block_on(fill(url, LIST_ROWS))?;
         let port = free_port()?;
         let server = Process(
             Command::new(&wrenn)
@@ -181,11 +181,12 @@ async fn fresh_postgres_database(admin: &str) -> Result<String> {
     Ok(format!("{base}/{name}"))
 }
 
-/// LIST_ROWS sandboxes and an API key in the database at `url`; the key.
-async fn fill(url: &str) -> Result<String> {
+/// `rows` sandboxes and an API key in the database at `url` (made and migrated when new); the
+/// key.
+async fn fill(url: &str, rows: usize) -> Result<String> {
     let db = wrenn_server::Db::connect(url).await?;
     let now = wrenn_server::db::now_ms();
-    for i in 0..LIST_ROWS {
+    for i in 0..rows {
         let n = i64::try_from(i)?;
         db.insert_sandbox(&SandboxRow {
             id: format!("bench-{i:05}"),
@@ -280,7 +281,7 @@ async fn measure(wrenn: &Path, vmm: &Path, runs: usize) -> Result<()> {
     let api = format!("http://127.0.0.1:{api_port}");
     let agent_url = format!("http://127.0.0.1:{agent_port}");
     let database = format!("sqlite://{}/api.db", dir.path().display());
-    let key = fill_key(&database).await?;
+    let key = fill(&database, 0).await?;
     let _server = Process(
         Command::new(wrenn)
             .args(["server", "--listen", &format!("127.0.0.1:{api_port}")])
@@ -458,12 +459,4 @@ async fn measure(wrenn: &Path, vmm: &Path, runs: usize) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// An API key in the (new) database at `url`.
-async fn fill_key(url: &str) -> Result<String> {
-    let db = wrenn_server::Db::connect(url).await?;
-    let key = wrenn_server::keys::create(&db, "bench").await?.key;
-    db.close().await;
-    Ok(key)
 }

@@ -159,7 +159,7 @@ pub fn run_agent(args: AgentArgs) -> Result<()> {
             );
         }
         let app = wrenn_agent::server::app(manager, Arc::new(wrenn_agent::rpc::CacheImages));
-        wrenn_agent::server::serve(listener, app, shutdown_signal()).await?;
+        wrenn_agent::server::serve(listener, app, crate::server::shutdown_signal()).await?;
         println!("wrenn agent: stopped; sandboxes keep running");
         Ok(())
     })
@@ -174,18 +174,6 @@ fn hostname() -> Result<String> {
         bail!("this machine has no hostname: pass --host-id");
     }
     Ok(name.to_owned())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// `wrenn template ...` against an agent.

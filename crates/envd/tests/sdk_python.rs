@@ -19,15 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
-
 /// The SDK version the requirements file pins (the venv's directory name).
 const E2B_VERSION: &str = "2.63.0";
-/// Debian packages the harness needs: the interpreter and venv module, `ip`, and
-/// `unshare`/`nsenter` (bash and coreutils are essential packages).
-const PACKAGES: &[&str] = &["python3", "python3-venv", "iproute2", "util-linux"];
-/// Debian's interpreter (not whatever `python3` is first on PATH).
-const PYTHON: &str = "/usr/bin/python3";
+/// Debian packages the harness needs besides the venv's: `ip`, and `unshare`/`nsenter` (bash
+/// and coreutils are essential packages).
+const PACKAGES: &[&str] = &["iproute2", "util-linux"];
 /// E2B's envd port, which the SDK in debug mode always uses.
 const ENVD_PORT: u16 = 49983;
 /// uid and gid of the sandbox's default user, as in E2B's templates.
@@ -45,79 +41,11 @@ fn venv_python() -> &'static Path {
     VENV.get_or_init(|| {
         wrenn_image::packages::ensure(PACKAGES).expect("installing the harness's packages");
         let cache = wrenn_image::cache::Cache::from_env();
-        ensure_venv(cache.root()).join("bin/python")
+        let requirements = sdk_dir().join("requirements.txt");
+        wrenn_image::venv::ensure(&cache, &format!("e2b-python-{E2B_VERSION}"), &requirements)
+            .unwrap_or_else(|e| panic!("the E2B SDK's venv: {e}"))
+            .join("bin/python")
     })
-}
-
-/// `<cache>/e2b-python-<version>`, (re)built when missing or when its stamp (the
-/// requirements file's hash and the interpreter's version) differs.
-fn ensure_venv(cache_root: &Path) -> PathBuf {
-    std::fs::create_dir_all(cache_root).unwrap();
-    let venv = cache_root.join(format!("e2b-python-{E2B_VERSION}"));
-    let stamp_path = venv.join(".wrenn-stamp");
-    let requirements = sdk_dir().join("requirements.txt");
-    let python_version = run_checked(Command::new(PYTHON).arg("--version"));
-    let stamp = format!(
-        "{:x} {}",
-        Sha256::digest(std::fs::read(&requirements).unwrap()),
-        python_version.trim()
-    );
-    let current = || std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp);
-    if current() {
-        return venv;
-    }
-    let lock_path = cache_root.join(format!(".e2b-python-{E2B_VERSION}.lock"));
-    let lock = File::create(&lock_path).unwrap();
-    lock.lock().unwrap();
-    // Another process may have built it while we waited.
-    if current() {
-        return venv;
-    }
-    eprintln!("building the E2B SDK venv in {}", venv.display());
-    if venv.exists() {
-        std::fs::remove_dir_all(&venv).unwrap();
-    }
-    run_checked(Command::new(PYTHON).arg("-m").arg("venv").arg(&venv));
-    run_checked(
-        Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-r",
-            ])
-            .arg(&requirements),
-    );
-    run_checked(Command::new(venv.join("bin/python")).args([
-        "-m",
-        "pip",
-        "check",
-        "--disable-pip-version-check",
-    ]));
-    // Written last: a venv without it is rebuilt.
-    std::fs::write(&stamp_path, &stamp).unwrap();
-    venv
-}
-
-/// Runs `command`, panicking with its output when it fails; returns its stdout.
-fn run_checked(command: &mut Command) -> String {
-    let out = command
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The identity of a process's network namespace (`net:[<inode>]`).

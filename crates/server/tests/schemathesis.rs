@@ -22,20 +22,14 @@
 #[macro_use]
 mod support;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use sha2::{Digest as _, Sha256};
 use support::{Kind, TestServer};
 
 /// The version the requirements file pins (the venv's directory name).
 const SCHEMATHESIS_VERSION: &str = "4.32.5";
-/// Debian's interpreter and its venv module.
-const PACKAGES: &[&str] = &["python3", "python3-venv"];
-/// Debian's interpreter (not whatever `python3` is first on PATH).
-const PYTHON: &str = "/usr/bin/python3";
 /// A run longer than this is killed; a normal one takes well under a minute.
 const RUN_TIMEOUT_SECS: u32 = 150;
 /// The run's own budget (seconds): fuzzing stops when it is spent.
@@ -51,80 +45,15 @@ fn harness_dir() -> PathBuf {
 
 /// The venv's `st`, built once per cache.
 fn schemathesis() -> PathBuf {
-    wrenn_image::packages::ensure(PACKAGES).expect("installing the harness's packages");
     let cache = wrenn_image::cache::Cache::from_env();
-    ensure_venv(cache.root()).join("bin/st")
-}
-
-/// `<cache>/schemathesis-<version>`, (re)built when missing or when its stamp (the
-/// requirements file's hash and the interpreter's version) differs.
-fn ensure_venv(cache_root: &Path) -> PathBuf {
-    std::fs::create_dir_all(cache_root).unwrap();
-    let venv = cache_root.join(format!("schemathesis-{SCHEMATHESIS_VERSION}"));
-    let stamp_path = venv.join(".wrenn-stamp");
     let requirements = harness_dir().join("requirements.txt");
-    let python_version = run_checked(Command::new(PYTHON).arg("--version"));
-    let stamp = format!(
-        "{:x} {}",
-        Sha256::digest(std::fs::read(&requirements).unwrap()),
-        python_version.trim()
-    );
-    let current = || std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp);
-    if current() {
-        return venv;
-    }
-    let lock_path = cache_root.join(format!(".schemathesis-{SCHEMATHESIS_VERSION}.lock"));
-    let lock = File::create(&lock_path).unwrap();
-    lock.lock().unwrap();
-    // Another process may have built it while we waited.
-    if current() {
-        return venv;
-    }
-    eprintln!("building the schemathesis venv in {}", venv.display());
-    if venv.exists() {
-        std::fs::remove_dir_all(&venv).unwrap();
-    }
-    run_checked(Command::new(PYTHON).arg("-m").arg("venv").arg(&venv));
-    run_checked(
-        Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-r",
-            ])
-            .arg(&requirements),
-    );
-    run_checked(Command::new(venv.join("bin/python")).args([
-        "-m",
-        "pip",
-        "check",
-        "--disable-pip-version-check",
-    ]));
-    // Written last: a venv without it is rebuilt.
-    std::fs::write(&stamp_path, &stamp).unwrap();
-    venv
-}
-
-/// Runs `command`, panicking with its output when it fails; returns its stdout.
-fn run_checked(command: &mut Command) -> String {
-    let out = command
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    wrenn_image::venv::ensure(
+        &cache,
+        &format!("schemathesis-{SCHEMATHESIS_VERSION}"),
+        &requirements,
+    )
+    .unwrap_or_else(|e| panic!("the schemathesis venv: {e}"))
+    .join("bin/st")
 }
 
 /// `st run` against the server at `base` with `key`; panics (after printing its output) when

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use wrenn_agent::manager::{AgentConfig, Manager};
-use wrenn_agent::rpc::ImageResolver;
-use wrenn_image::cache::Cache;
-use wrenn_image::rootfs::{IMAGE_FILE, ImageKind};
+use wrenn_agent::rpc::{CacheImages, ImageResolver};
 use wrenn_server::{Server, ServerConfig};
 
 const TEMPLATE: &str = "test";
@@ -22,29 +20,6 @@ const JOIN_TOKEN: &str = "vm-api-join-token";
 const MAX_UPLOAD: u64 = 8 << 20;
 /// Sandbox ports are served at `{port}-{id}.DOMAIN` too.
 const DOMAIN: &str = "sandboxes.test";
-
-/// The cache's kernel and images.
-#[derive(Debug)]
-struct TestImages;
-
-impl ImageResolver for TestImages {
-    fn image(&self, name: &str) -> Result<PathBuf, String> {
-        let kind = match name {
-            "test" => ImageKind::Test,
-            "base" => ImageKind::Base,
-            other => return Ok(PathBuf::from(other)),
-        };
-        wrenn_image::rootfs::find(&Cache::from_env(), kind)
-            .map(|e| e.file(IMAGE_FILE))
-            .map_err(|e| format!("run `cargo xtask guest`: {e}"))
-    }
-
-    fn kernel(&self) -> Result<PathBuf, String> {
-        wrenn_image::kernel::find(&Cache::from_env())
-            .map(|e| e.file("vmlinux"))
-            .map_err(|e| format!("run `cargo xtask guest`: {e}"))
-    }
-}
 
 /// `wrenn-vmm` next to this test's `deps` directory, or `WRENN_VMM`.
 fn vmm_binary() -> PathBuf {
@@ -94,7 +69,7 @@ fn world() -> &'static World {
             manager.spawn_reaper();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let app = wrenn_agent::server::app(manager.clone(), Arc::new(TestImages));
+            let app = wrenn_agent::server::app(manager.clone(), Arc::new(CacheImages));
             tokio::spawn(async move {
                 let _ = wrenn_agent::server::serve(listener, app, std::future::pending()).await;
             });
@@ -102,8 +77,8 @@ fn world() -> &'static World {
             manager
                 .build_template(wrenn_agent::manager::BuildRequest {
                     name: TEMPLATE.into(),
-                    image: TestImages.image("test").unwrap(),
-                    kernel: TestImages.kernel().unwrap(),
+                    image: CacheImages.image("test").unwrap(),
+                    kernel: CacheImages.kernel().unwrap(),
                     vcpus: 1,
                     memory_mib: 256,
                     replace: false,
