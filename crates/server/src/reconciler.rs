@@ -227,12 +227,31 @@ async fn sync_host(shared: &Shared, report: &mut Report, host: &HostRow) -> Resu
                     "reaped by its host: timeout".to_owned()
                 } else if transitional {
                     format!("stuck in {} and its host does not run it", row.state)
-                } else if agent.is_some() {
-                    format!("its host {} lists it stopped", host.id)
+                } else if let Some(listed) = agent {
+                    // The agent says why (a VMM that died behind its back, ...).
+                    let why = if listed.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", listed.error)
+                    };
+                    format!("its host {} lists it stopped{why}", host.id)
                 } else {
                     format!("its host {} no longer has it", host.id)
                 };
                 correct(shared, report, &row, state::STOPPED, &reason).await;
+                if agent.is_some() {
+                    // The agent keeps a stopped sandbox's record until it is destroyed.
+                    let request = pb::DestroySandboxRequest {
+                        sandbox_id: row.id.clone(),
+                        ..Default::default()
+                    };
+                    if let Err(e) = client
+                        .destroy_sandbox_with_options(request, options(FAST))
+                        .await
+                    {
+                        tracing::warn!(sandbox_id = %row.id, host_id = %host.id, error = %e, "could not remove a stopped sandbox from its host");
+                    }
+                }
             }
             // Mid-transition on the agent: look again next pass.
             Some(_) => {}
