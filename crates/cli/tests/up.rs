@@ -112,18 +112,76 @@ fn test_up_check_then_up_again_reuses_everything_and_stops_on_ctrl_c() {
     assert!(!text.contains("building template base"), "{text}");
     assert!(text.contains(&format!("API key:  {key}")), "{text}");
 
-    // The API works with the kept key.
-    let listed = wrenn()
-        .args(["sandbox", "list", "--json"])
-        .env("WRENN_API_URL", format!("http://127.0.0.1:{api}"))
-        .env("WRENN_API_KEY", &key)
-        .output()
-        .unwrap();
-    assert!(
-        listed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&listed.stderr)
+    // The CLI as a user drives it, with the kept key, on a real sandbox.
+    let cli = |args: &[&str]| {
+        let out = wrenn()
+            .args(args)
+            .env("WRENN_API_URL", format!("http://127.0.0.1:{api}"))
+            .env("WRENN_API_KEY", &key)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    let (code, out, err) = cli(&["sandbox", "create", "base", "--id", "cli-e2e", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["state"], "running");
+    let (code, out, err) = cli(&[
+        "sandbox",
+        "exec",
+        "cli-e2e",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (Some(7), "out\n", "err\n")
     );
+    let local = dir.path().join("up.bin");
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| u8::try_from(i % 253).unwrap())
+        .collect();
+    std::fs::write(&local, &data).unwrap();
+    let (code, out, err) = cli(&[
+        "files",
+        "put",
+        "cli-e2e",
+        local.to_str().unwrap(),
+        "/root/up.bin",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = cli(&["sandbox", "pause", "cli-e2e"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = cli(&["sandbox", "list", "--state", "paused"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cli-e2e ") && l.contains("paused")),
+        "{out}"
+    );
+    let (code, _, err) = cli(&["sandbox", "resume", "cli-e2e"]);
+    assert_eq!(code, Some(0), "{err}");
+    let back = dir.path().join("back.bin");
+    let (code, _, err) = cli(&[
+        "files",
+        "get",
+        "cli-e2e",
+        "/root/up.bin",
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the file came back different"
+    );
+    let (code, _, err) = cli(&["sandbox", "rm", "cli-e2e"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = cli(&["sandbox", "get", "cli-e2e", "--json"]);
+    assert!(out.contains("\"stopped\""), "{out}");
 
     // Ctrl-C: everything stops, nothing listens any more.
     nix::sys::signal::kill(
