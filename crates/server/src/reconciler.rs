@@ -37,6 +37,8 @@ pub struct Report {
     /// Hosts this pass marked unreachable.
     pub hosts_unreachable: Vec<String>,
     pub corrections: Vec<Correction>,
+    /// Sandboxes a host still had although they are stopped here, destroyed on it.
+    pub orphans_destroyed: Vec<String>,
     /// Hosts that could not be asked, with why.
     pub errors: Vec<String>,
 }
@@ -189,6 +191,7 @@ async fn sync_host(shared: &Shared, report: &mut Report, host: &HostRow) -> Resu
         .map_err(|e| e.to_string())?;
     let now = now_ms();
     let stuck_before = now.saturating_sub(duration_ms(STUCK_AFTER));
+    let live_rows: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
     for row in rows {
         let stuck = row.updated_at < stuck_before;
         let transitional = matches!(
@@ -255,6 +258,52 @@ async fn sync_host(shared: &Shared, report: &mut Report, host: &HostRow) -> Resu
             }
             // Mid-transition on the agent: look again next pass.
             Some(_) => {}
+        }
+    }
+    // Sandboxes the host still runs or keeps although the database has them stopped (deleted
+    // while the host was unreachable, say): nobody can reach them through the API any more.
+    for (id, listed) in &on_agent {
+        let alive = matches!(
+            listed.state.as_known(),
+            Some(SandboxState::SANDBOX_STATE_RUNNING | SandboxState::SANDBOX_STATE_PAUSED)
+        );
+        if !alive || live_rows.contains(id) {
+            continue;
+        }
+        let stopped = matches!(
+            shared.db.sandbox(id).await,
+            Ok(Some(row)) if row.state == state::STOPPED || row.state == state::ERROR
+        );
+        if !stopped {
+            // Not ours (made on the agent directly), or on another host in the database.
+            continue;
+        }
+        let request = pb::DestroySandboxRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        };
+        match client
+            .destroy_sandbox_with_options(request, options(FAST))
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(sandbox_id = %id, host_id = %host.id, "destroyed a sandbox its host still had after it was stopped here");
+                shared.metrics.correction("orphan_destroyed");
+                let _ = shared
+                    .db
+                    .record_event(
+                        "orphan_destroyed",
+                        Some(id),
+                        Some(&host.id),
+                        "stopped in the database, still on its host",
+                        None,
+                    )
+                    .await;
+                report.orphans_destroyed.push(id.clone());
+            }
+            Err(e) => {
+                report.errors.push(format!("destroying orphan {id}: {e}"));
+            }
         }
     }
     let snapshots = timed(

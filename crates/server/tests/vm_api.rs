@@ -502,6 +502,26 @@ fn reconciler_sees_a_killed_vmm(api: &Api) {
     }
 }
 
+/// A sandbox stopped in the database while its host still runs it (deleted while the host was
+/// unreachable): the next pass destroys it there.
+fn reconciler_removes_an_orphan(api: &Api) {
+    let sandbox = api.create(json!({ "template": TEMPLATE }));
+    let id = sandbox["id"].as_str().unwrap();
+    let stopped = world().rt.block_on(api.server().db().transition_sandbox(
+        id,
+        &["running"],
+        "stopped",
+        Some("deleted while its host was unreachable"),
+    ));
+    assert!(stopped.unwrap());
+    let report = world().rt.block_on(api.server().reconcile_once());
+    assert_eq!(report.orphans_destroyed, [id.to_owned()], "{report:?}");
+    assert!(
+        world().manager.get(id).is_err(),
+        "{id} is still on the agent"
+    );
+}
+
 /// The database is the state: a new server on it sees the running sandbox and can use it.
 fn restart_loses_nothing(api: Api) {
     let sandbox = api.create(json!({ "template": TEMPLATE, "metadata": { "restart": "yes" } }));
@@ -574,6 +594,7 @@ fn suite(database_url: &str) {
     lifecycle(&api);
     bad_requests(&api);
     reconciler_sees_a_killed_vmm(&api);
+    reconciler_removes_an_orphan(&api);
     proxy_reaches_a_port(&api);
     restart_loses_nothing(api);
 }
