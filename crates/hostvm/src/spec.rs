@@ -183,13 +183,21 @@ impl CommandSpec {
 }
 
 impl CommandSpec {
-    /// Host paths the command needs (its cwd, an absolute program path) that lie under /tmp
+    /// Host paths the command needs (its cwd, an absolute program path, absolute paths among
+    /// its arguments that exist here, such as a binary it is told to run) that lie under /tmp
     /// outside every writable share: the VM's own /tmp would hide them, so init keeps them
     /// visible, read-only. (A fresh clone under /tmp is a common place to run tests from.)
     fn hidden_by_tmp(&self, shares: &[(String, PathBuf)]) -> Vec<PathBuf> {
         let program = self.argv.first().map(Path::new).filter(|p| p.is_absolute());
+        let arguments = self
+            .argv
+            .iter()
+            .skip(1)
+            .map(Path::new)
+            .filter(|p| p.is_absolute() && p.exists());
         let mut paths: Vec<PathBuf> = std::iter::once(self.cwd.as_path())
             .chain(program)
+            .chain(arguments)
             .filter(|p| p.starts_with("/tmp") && *p != Path::new("/tmp"))
             .filter(|p| !shares.iter().any(|(_, dir)| p.starts_with(dir)))
             .map(Path::to_owned)
@@ -274,6 +282,29 @@ mod tests {
         let out = evaluate(&s.guest_script(&[]));
         let wanted: &[u8] = b"arg:a\xff\xfeb\n";
         assert!(out.windows(wanted.len()).any(|w| w == wanted), "{out:?}");
+    }
+
+    #[test]
+    fn test_guest_script_keeps_existing_tmp_paths_among_the_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("wrenn-vmm");
+        std::fs::write(&binary, b"").unwrap();
+        let missing = dir.path().join("not-there");
+        let spec = CommandSpec::new([
+            OsStr::new("/bin/true"),
+            OsStr::new("--vmm"),
+            binary.as_os_str(),
+            missing.as_os_str(),
+        ]);
+        let script = String::from_utf8(spec.guest_script(&[])).unwrap();
+        assert!(
+            script.contains(&format!("keep '{}'\n", binary.display())),
+            "{script}"
+        );
+        assert!(
+            !script.contains(&format!("keep '{}'", missing.display())),
+            "{script}"
+        );
     }
 
     #[test]
