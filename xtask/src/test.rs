@@ -45,7 +45,7 @@ const VM_PHASE_CPUS: u32 = 1;
 const VM_PHASE_QUIET: std::time::Duration = std::time::Duration::from_secs(6 * 60);
 /// Runs of the VM test phase when the host VM stalls (each runs only the binaries that had not
 /// finished).
-const VM_PHASE_ATTEMPTS: u32 = 3;
+const VM_PHASE_ATTEMPTS: u32 = 5;
 /// The whole VM test phase, boots included, on the host's clock.
 const VM_PHASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40 * 60);
 
