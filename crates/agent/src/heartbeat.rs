@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::StatusCode;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use http::{StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -114,7 +114,7 @@ pub enum HeartbeatError {
     BadReply { reason: String },
 }
 
-/// Where the server is, from its base URL.
+/// Where the server is, from its base URL, and the heartbeat's path there.
 struct ServerUrl {
     host: String,
     port: u16,
@@ -124,29 +124,18 @@ struct ServerUrl {
 
 impl ServerUrl {
     fn parse(url: &str) -> Result<ServerUrl, HeartbeatError> {
-        let bad = |reason: &str| HeartbeatError::InvalidUrl {
+        let parsed = wrenn_tunnel::HttpUrl::parse(url).map_err(|e| HeartbeatError::InvalidUrl {
             url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some(_) => return Err(bad("only http:// is supported")),
-            None => return Err(bad("missing http://")),
-        }
-        let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        if host.is_empty() {
-            return Err(bad("missing host"));
-        }
+            reason: match e {
+                wrenn_tunnel::TunnelError::InvalidUrl { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        })?;
         Ok(ServerUrl {
-            host: host.to_owned(),
-            port: authority.port_u16().unwrap_or(80),
-            authority: authority.as_str().to_owned(),
-            path: format!("{}/v1/hosts/heartbeat", uri.path().trim_end_matches('/')),
+            path: format!("{}/v1/hosts/heartbeat", parsed.prefix),
+            host: parsed.host,
+            port: parsed.port,
+            authority: parsed.authority,
         })
     }
 }

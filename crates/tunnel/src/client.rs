@@ -161,18 +161,22 @@ impl AsyncWrite for Tunnel {
     }
 }
 
-/// Where an agent is: from its base URL (`http://host:port[/prefix]`).
-struct AgentUrl {
+/// Where an agent (or the control plane) is: from its base URL (`http://host:port[/prefix]`).
+#[derive(Debug, Clone)]
+pub struct HttpUrl {
     /// For connecting: host without IPv6 brackets.
-    host: String,
-    port: u16,
+    pub host: String,
+    pub port: u16,
     /// For the Host header and messages.
-    authority: String,
-    prefix: String,
+    pub authority: String,
+    /// The URL's path without its trailing slash (routes go under it).
+    pub prefix: String,
 }
 
-impl AgentUrl {
-    fn parse(url: &str) -> Result<AgentUrl, TunnelError> {
+impl HttpUrl {
+    /// Parses a plain `http://host[:port][/prefix]` base URL (the agents and the control plane
+    /// speak HTTP/1.1 without TLS to each other).
+    pub fn parse(url: &str) -> Result<HttpUrl, TunnelError> {
         let bad = |reason: &str| TunnelError::InvalidUrl {
             url: url.to_owned(),
             reason: reason.to_owned(),
@@ -180,7 +184,7 @@ impl AgentUrl {
         let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
         match uri.scheme_str() {
             Some("http") => {}
-            Some(_) => return Err(bad("only http:// agents are supported")),
+            Some(_) => return Err(bad("only http:// is supported")),
             None => return Err(bad("missing http://")),
         }
         let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
@@ -191,7 +195,7 @@ impl AgentUrl {
         if host.is_empty() {
             return Err(bad("missing host"));
         }
-        Ok(AgentUrl {
+        Ok(HttpUrl {
             host: host.to_owned(),
             port: authority.port_u16().unwrap_or(80),
             authority: authority.as_str().to_owned(),
@@ -215,7 +219,7 @@ pub async fn open(
     sandbox_id: &str,
     port: u16,
 ) -> Result<Tunnel, TunnelError> {
-    let agent = AgentUrl::parse(agent_base_url)?;
+    let agent = HttpUrl::parse(agent_base_url)?;
     if sandbox_id.is_empty() {
         return Err(TunnelError::InvalidRequest(
             "the sandbox id is empty".into(),
@@ -498,16 +502,16 @@ mod tests {
 
     #[test]
     fn test_agent_url_parses_host_port_and_prefix() {
-        let url = AgentUrl::parse("http://10.0.0.5:5008").unwrap();
+        let url = HttpUrl::parse("http://10.0.0.5:5008").unwrap();
         assert_eq!((url.host.as_str(), url.port), ("10.0.0.5", 5008));
         assert_eq!(url.prefix, "");
-        let url = AgentUrl::parse("http://[::1]:9/agent/").unwrap();
+        let url = HttpUrl::parse("http://[::1]:9/agent/").unwrap();
         assert_eq!((url.host.as_str(), url.port), ("::1", 9));
         assert_eq!(url.authority, "[::1]:9");
         assert_eq!(url.prefix, "/agent");
-        assert_eq!(AgentUrl::parse("http://h").unwrap().port, 80);
+        assert_eq!(HttpUrl::parse("http://h").unwrap().port, 80);
         for bad in ["https://h:1", "h:1", "", "http://"] {
-            assert!(AgentUrl::parse(bad).is_err(), "{bad:?}");
+            assert!(HttpUrl::parse(bad).is_err(), "{bad:?}");
         }
     }
 

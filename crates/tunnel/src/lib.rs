@@ -34,7 +34,7 @@ mod agent;
 mod client;
 
 pub use agent::{accept, error_response, is_tunnel_request};
-pub use client::{Tunnel, TunnelError, forward_http, open};
+pub use client::{HttpUrl, Tunnel, TunnelError, forward_http, open};
 
 /// The `Upgrade` protocol token of the tunnel.
 pub const PROTOCOL: &str = "wrenn-tunnel";
