@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use wrenn_server::keys::KeyShape;
 use wrenn_server::{Server, ServerConfig};
 
 /// Where the control plane keeps its files unless told otherwise.
@@ -153,6 +154,9 @@ pub enum KeysCommand {
         /// What the key is for.
         #[arg(long, default_value = "default")]
         name: String,
+        /// Shape it `e2b_` + 40 hex, as E2B's SDKs expect (it works on Wrenn's API too).
+        #[arg(long)]
+        e2b: bool,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -160,9 +164,14 @@ pub enum KeysCommand {
 
 pub fn run_keys(command: KeysCommand) -> Result<()> {
     match command {
-        KeysCommand::Create { name, database } => {
+        KeysCommand::Create {
+            name,
+            e2b,
+            database,
+        } => {
             let url = database.url()?;
-            let key = runtime()?.block_on(wrenn_server::keys::create_at(&url, &name))?;
+            let shape = if e2b { KeyShape::E2b } else { KeyShape::Wrenn };
+            let key = runtime()?.block_on(wrenn_server::keys::create_at(&url, &name, shape))?;
             println!("{}", key.key);
             Ok(())
         }

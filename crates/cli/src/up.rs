@@ -29,6 +29,7 @@ use wrenn_image::progress::Step;
 use wrenn_proto::hostagent::v1::{
     BuildTemplateRequest, HealthRequest, HostAgentClient, ListSnapshotsRequest,
 };
+use wrenn_server::keys::KeyShape;
 use wrenn_server::{Server, ServerConfig};
 
 /// The template `up` makes sure of.
@@ -137,10 +138,10 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
         }
     });
     let code = match outcome {
-        Ok(key) => {
-            print_welcome(&args, &key);
+        Ok(keys) => {
+            print_welcome(&args, &keys);
             if args.check {
-                runtime.block_on(check(&args, &key))?;
+                runtime.block_on(check(&args, &keys.wrenn))?;
                 ExitCode::SUCCESS
             } else {
                 runtime.block_on(async {
@@ -350,13 +351,20 @@ fn start_agent(
     }
 }
 
-/// Waits for the agent, makes sure of the template, and returns the API key to show.
+/// The API keys `up` shows: one of each shape, both good on both APIs.
+struct Keys {
+    wrenn: String,
+    /// `e2b_` + 40 hex, for E2B's SDKs (older ones check the shape before sending).
+    e2b: String,
+}
+
+/// Waits for the agent, makes sure of the template, and returns the API keys to show.
 async fn bring_up(
     server: &Server,
     args: &Args,
     base_image: &Path,
     agent: &mut AgentProcess,
-) -> Result<String> {
+) -> Result<Keys> {
     let agent_url = format!("http://127.0.0.1:{}", args.agent_port);
     let client = HostAgentClient::new(
         HttpClient::plaintext(),
@@ -430,15 +438,23 @@ async fn bring_up(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     step.finish("host local ready");
-    api_key(server, &args.data_dir.join("server")).await
+    let dir = args.data_dir.join("server");
+    Ok(Keys {
+        wrenn: api_key(server, &dir.join("api-key"), KeyShape::Wrenn).await?,
+        e2b: api_key(server, &dir.join("e2b-api-key"), KeyShape::E2b).await?,
+    })
 }
 
-/// The key `up` shows: made once and kept (readable by root only) in the data directory.
-async fn api_key(server: &Server, dir: &Path) -> Result<String> {
-    let path = dir.join("api-key");
-    if let Ok(text) = std::fs::read_to_string(&path) {
+/// A key `up` shows: made once and kept (readable by root only) at `path`.
+async fn api_key(server: &Server, path: &Path, shape: KeyShape) -> Result<String> {
+    let prefix = match shape {
+        KeyShape::Wrenn => "wrenn_",
+        KeyShape::E2b => "e2b_",
+    };
+    if let Ok(text) = std::fs::read_to_string(path) {
         let key = text.trim().to_owned();
-        if wrenn_server::keys::well_formed(&key)
+        if key.starts_with(prefix)
+            && wrenn_server::keys::well_formed(&key)
             && server
                 .db()
                 .use_api_key(&wrenn_server::keys::hash(&key))
@@ -448,12 +464,13 @@ async fn api_key(server: &Server, dir: &Path) -> Result<String> {
             return Ok(key);
         }
     }
-    let made = wrenn_server::keys::create(server.db(), "wrenn up").await?;
-    crate::server::write_private(&path, &made.key)?;
+    let made = wrenn_server::keys::create_shaped(server.db(), "wrenn up", shape).await?;
+    crate::server::write_private(path, &made.key)?;
     Ok(made.key)
 }
 
-fn print_welcome(args: &Args, key: &str) {
+fn print_welcome(args: &Args, keys: &Keys) {
+    let key = &keys.wrenn;
     let url = format!("http://{}", args.listen);
     println!();
     println!("Wrenn is up.");
@@ -468,6 +485,12 @@ fn print_welcome(args: &Args, key: &str) {
     println!("or with curl:");
     println!(
         "  curl -s -H 'Authorization: Bearer {key}' -d '{{\"template\":\"{TEMPLATE}\"}}' {url}/v1/sandboxes"
+    );
+    println!();
+    println!("or with E2B's SDKs (pip install e2b / npm install e2b), unchanged:");
+    println!(
+        "E2B SDKs: E2B_API_URL={url} E2B_SANDBOX_URL={url} E2B_API_KEY={}",
+        keys.e2b
     );
     if !args.check {
         println!();

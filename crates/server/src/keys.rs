@@ -1,4 +1,5 @@
-//! API keys: `wrenn_` + 40 hex characters, stored as the SHA-256 of the whole key.
+//! API keys: `wrenn_` + 40 hex characters (or `e2b_` + 40 hex, the shape E2B's SDKs expect:
+//! older ones check it before sending), stored as the SHA-256 of the whole key.
 //! [`create`] is also how `wrenn keys create` makes the first key of an empty database.
 
 use sha2::{Digest, Sha256};
@@ -27,13 +28,41 @@ pub enum KeyError {
     Random(String),
 }
 
+/// The two shapes of a key; both work on both APIs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyShape {
+    /// `wrenn_` + 40 hex.
+    #[default]
+    Wrenn,
+    /// `e2b_` + 40 hex, for E2B's SDKs.
+    E2b,
+}
+
+impl KeyShape {
+    fn prefix(self) -> &'static str {
+        match self {
+            KeyShape::Wrenn => "wrenn_",
+            KeyShape::E2b => "e2b_",
+        }
+    }
+}
+
 /// Makes a key named `name` in `db` and returns it.
 pub async fn create(db: &Db, name: &str) -> Result<NewKey, KeyError> {
+    create_shaped(db, name, KeyShape::Wrenn).await
+}
+
+/// Makes a key of `shape` named `name` in `db` and returns it.
+pub async fn create_shaped(db: &Db, name: &str, shape: KeyShape) -> Result<NewKey, KeyError> {
     let length = name.chars().count();
     if length == 0 || length > 128 {
         return Err(KeyError::BadName(length));
     }
-    let key = format!("wrenn_{}", ids::random_hex(20).map_err(KeyError::Random)?);
+    let key = format!(
+        "{}{}",
+        shape.prefix(),
+        ids::random_hex(20).map_err(KeyError::Random)?
+    );
     let id = format!("key-{}", ids::random_hex(8).map_err(KeyError::Random)?);
     let prefix: String = key.chars().take(10).collect();
     let created_at = now_ms();
@@ -48,10 +77,14 @@ pub async fn create(db: &Db, name: &str) -> Result<NewKey, KeyError> {
     })
 }
 
-/// Connects to `database_url` (migrating it) and makes a key there.
-pub async fn create_at(database_url: &str, name: &str) -> Result<NewKey, KeyError> {
+/// Connects to `database_url` (migrating it) and makes a key of `shape` there.
+pub async fn create_at(
+    database_url: &str,
+    name: &str,
+    shape: KeyShape,
+) -> Result<NewKey, KeyError> {
     let db = Db::connect(database_url).await?;
-    let key = create(&db, name).await;
+    let key = create_shaped(&db, name, shape).await;
     db.close().await;
     key
 }

@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod api;
 pub mod db;
+pub mod e2b;
 pub mod error;
 pub mod ids;
 pub mod keys;

@@ -24,7 +24,7 @@ use axum::routing::any;
 use crate::Shared;
 use crate::api::types::ErrorBody;
 use crate::db::hosts::READY;
-use crate::db::sandboxes::state;
+use crate::db::sandboxes::{SandboxRow, state};
 use crate::error::{ApiError, code_for};
 
 /// Marks a response that came from inside a sandbox.
@@ -171,6 +171,18 @@ async fn forward(
             sandbox.state
         )));
     }
+    forward_to(shared, &sandbox, port, request, target).await
+}
+
+/// Sends `request` to `port` of `sandbox` (running) as `target`, through its host's agent.
+pub(crate) async fn forward_to(
+    shared: &Shared,
+    sandbox: &SandboxRow,
+    port: u16,
+    request: Request<Body>,
+    target: &str,
+) -> Result<Response, ApiError> {
+    let id = sandbox.id.as_str();
     let host = match &sandbox.host_id {
         Some(host_id) => shared.db.host(host_id).await?,
         None => None,

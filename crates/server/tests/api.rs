@@ -73,7 +73,9 @@ async fn sqlite_in_memory_and_bad_urls() {
     // A key made through a URL, as `wrenn keys create` does on an empty database.
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("sub/dir/w.db").display());
-    let made = wrenn_server::keys::create_at(&url, "first").await.unwrap();
+    let made = wrenn_server::keys::create_at(&url, "first", Default::default())
+        .await
+        .unwrap();
     let db = Db::connect(&url).await.unwrap();
     assert_eq!(db.api_keys().await.unwrap()[0].prefix, made.prefix);
     db.close().await;

@@ -42,6 +42,23 @@ pub fn signature(
     )
 }
 
+/// Whether `given` is the signature of `path` for `operation` by `username` under `token`,
+/// and unexpired at `now` (Unix seconds). For a proxy that must find which sandbox signed a URL;
+/// envd itself tells the failures apart.
+pub fn matches(
+    given: &str,
+    path: &str,
+    operation: Operation,
+    username: &str,
+    token: &str,
+    expiration: Option<i64>,
+    now: i64,
+) -> bool {
+    let expected = signature(path, operation, username, token, expiration);
+    crate::auth::constant_time_eq(given.as_bytes(), expected.as_bytes())
+        && expiration.is_none_or(|e| e >= now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,7 @@ pub(crate) fn router(state: Arc<Shared>, extra_protected: Router, extra_public: 
         .route("/v1/api-keys/{id}", delete(keys::destroy))
         .with_state(state.clone())
         .merge(crate::proxy::routes(state.clone()))
+        .merge(crate::e2b::routes(state.clone()))
         .merge(extra_protected)
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     let public = Router::new()
@@ -84,6 +85,7 @@ pub(crate) fn router(state: Arc<Shared>, extra_protected: Router, extra_public: 
         .route("/openapi.yaml", get(openapi_yaml))
         .route("/v1/hosts/heartbeat", post(hosts::heartbeat))
         .with_state(state.clone())
+        .merge(crate::e2b::public_routes())
         .merge(extra_public)
         .merge(
             utoipa_swagger_ui::SwaggerUi::new("/docs")
@@ -101,6 +103,7 @@ pub(crate) fn router(state: Arc<Shared>, extra_protected: Router, extra_public: 
         })
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
         .layer(from_fn_with_state(state.clone(), request_context))
+        .layer(from_fn_with_state(state.clone(), crate::e2b::envd::route))
         .layer(from_fn_with_state(state, crate::proxy::by_host))
 }
 
@@ -128,17 +131,20 @@ async fn request_context(
         method = %request.method(),
         path = %request.uri().path(),
     );
+    let e2b = crate::e2b::is_e2b_path(request.uri().path());
     let start = Instant::now();
     let response = REQUEST_ID
         .scope(id.clone(), next.run(request))
         .instrument(span.clone())
         .await;
-    let mut response = render_error(response, &id).instrument(span.clone()).await;
+    let mut response = render_error(response, &id, e2b)
+        .instrument(span.clone())
+        .await;
     let status = response.status();
     // Heartbeats and probes come every few seconds: they would drown the access log.
     let routine = matches!(
         route.as_str(),
-        "/v1/hosts/heartbeat" | "/healthz" | "/metrics"
+        "/v1/hosts/heartbeat" | "/healthz" | "/health" | "/metrics"
     ) && status.is_success();
     span.in_scope(|| {
         let elapsed_ms = start.elapsed().as_millis();
@@ -155,8 +161,9 @@ async fn request_context(
     response
 }
 
-/// Turns an error response (ours or axum's) into the JSON error body.
-async fn render_error(response: Response, request_id: &str) -> Response {
+/// Turns an error response (ours or axum's) into the JSON error body: Wrenn's, or for E2B's
+/// paths E2B's (`code` is the status there).
+async fn render_error(response: Response, request_id: &str, e2b: bool) -> Response {
     let status = response.status();
     let from_sandbox = response
         .extensions()
@@ -196,12 +203,20 @@ async fn render_error(response: Response, request_id: &str) -> Response {
     } else {
         status
     };
-    let body = types::ErrorBody {
-        code: info.code.to_owned(),
-        message: info.message,
-        request_id: request_id.to_owned(),
-    };
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let bytes = if e2b {
+        serde_json::to_vec(&crate::e2b::types::ErrorBody {
+            code: status.as_u16(),
+            message: info.message,
+            request_id: request_id.to_owned(),
+        })
+    } else {
+        serde_json::to_vec(&types::ErrorBody {
+            code: info.code.to_owned(),
+            message: info.message,
+            request_id: request_id.to_owned(),
+        })
+    }
+    .unwrap_or_default();
     parts.status = status;
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(

@@ -344,11 +344,11 @@ pub async fn list(
     }))
 }
 
-fn encode_cursor(created_at: i64, id: &str) -> String {
+pub(crate) fn encode_cursor(created_at: i64, id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}:{id}"))
 }
 
-fn decode_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
+pub(crate) fn decode_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
     let bad = || ApiError::bad_request("the cursor is not one this server gave out");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
