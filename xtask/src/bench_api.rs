@@ -204,6 +204,8 @@ async fn fill(url: &str, rows: usize) -> Result<String> {
             updated_at: now - n,
             expires_at: Some(now + 300_000),
             error: None,
+            on_timeout: "kill".into(),
+            auto_resume: false,
         })
         .await?;
     }

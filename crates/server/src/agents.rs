@@ -17,6 +17,9 @@ pub type Client = HostAgentClient<HttpClient>;
 
 /// Calls that boot or write memory (create, resume, pause, snapshot) can take a while.
 pub const SLOW: Duration = Duration::from_secs(180);
+/// Streamed file transfers: as long as the bytes keep coming (a large file over a slow link
+/// takes minutes).
+pub const TRANSFER: Duration = Duration::from_secs(3600);
 /// Everything else.
 pub const FAST: Duration = Duration::from_secs(30);
 

@@ -10,6 +10,7 @@ pub mod api;
 pub mod db;
 pub mod e2b;
 pub mod error;
+mod expiry;
 pub mod ids;
 pub mod keys;
 pub mod metrics;
@@ -96,7 +97,8 @@ pub(crate) struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
-    reconciler: Option<tokio::task::JoinHandle<()>>,
+    /// The reconciler and the timeout pauser.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
@@ -110,7 +112,8 @@ impl Server {
             metrics: metrics::Metrics::default(),
         });
         let (stop, stopped) = watch::channel(false);
-        let reconciler = tokio::spawn(reconciler::run(shared.clone(), stopped));
+        let reconciler = tokio::spawn(reconciler::run(shared.clone(), stopped.clone()));
+        let expiry = tokio::spawn(expiry::run(shared.clone(), stopped));
         tracing::info!(
             database = %shared.db.backend_name(),
             reconcile_interval_s = shared.config.reconcile_interval.as_secs(),
@@ -119,7 +122,7 @@ impl Server {
         Ok(Server {
             shared,
             stop,
-            reconciler: Some(reconciler),
+            tasks: vec![reconciler, expiry],
         })
     }
 
@@ -181,7 +184,7 @@ impl Server {
     /// Stops the background tasks and closes the database pool.
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
-        if let Some(task) = self.reconciler.take() {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
         self.shared.db.close().await;

@@ -154,7 +154,7 @@ pub(crate) async fn by_host(
 
 /// Sends `request` to `port` in sandbox `id` as `target` (path and query).
 async fn forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: &str,
     port: u16,
     request: Request<Body>,
@@ -165,6 +165,7 @@ async fn forward(
         .sandbox(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
+    let sandbox = awake(shared, sandbox).await?;
     if sandbox.state != state::RUNNING {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}: only a running sandbox's ports can be reached",
@@ -172,6 +173,52 @@ async fn forward(
         )));
     }
     forward_to(shared, &sandbox, port, request, target).await
+}
+
+/// How long traffic waits for a sandbox that another request is resuming.
+const RESUME_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The sandbox, resumed first when it is paused and resumes on traffic (`auto_resume`); a
+/// request that finds it pausing or resuming waits for that to settle first.
+pub(crate) async fn awake(shared: &Arc<Shared>, row: SandboxRow) -> Result<SandboxRow, ApiError> {
+    let settling = |state: &str| matches!(state, state::PAUSING | state::RESUMING);
+    if !row.auto_resume || !(row.state == state::PAUSED || settling(&row.state)) {
+        return Ok(row);
+    }
+    let id = row.id.clone();
+    let deadline = tokio::time::Instant::now() + RESUME_WAIT;
+    let mut row = row;
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            return Ok(row);
+        }
+        if row.state == state::PAUSED {
+            tracing::info!(sandbox_id = %id, "resuming on traffic");
+            let resumed = crate::api::sandboxes::resume(
+                State(shared.clone()),
+                Path(id.clone()),
+                crate::api::OptionalJson(crate::api::types::ResumeRequest::default()),
+            )
+            .await;
+            match resumed {
+                Ok(_) => {}
+                // Another request got there first: wait for it.
+                Err(error) if error.status == StatusCode::CONFLICT => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        } else if !settling(&row.state) {
+            return Ok(row);
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        row = shared
+            .db
+            .sandbox(&id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))?;
+    }
 }
 
 /// Sends `request` to `port` of `sandbox` (running) as `target`, through its host's agent.

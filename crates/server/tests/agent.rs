@@ -109,6 +109,8 @@ fn running_row(id: &str, host: &str) -> SandboxRow {
         updated_at: now,
         expires_at: Some(now + 300_000),
         error: None,
+        on_timeout: "kill".into(),
+        auto_resume: false,
     }
 }
 

@@ -28,6 +28,8 @@ fn sandbox_row(id: &str, template: &str, state: &str, created_at: i64) -> Sandbo
         updated_at: created_at,
         expires_at: None,
         error: None,
+        on_timeout: "kill".into(),
+        auto_resume: false,
     }
 }
 

@@ -33,6 +33,8 @@ fn row(id: &str, state: &str, created_at: i64, metadata: &[(&str, &str)]) -> San
         updated_at: created_at,
         expires_at: Some(created_at + 300_000),
         error: None,
+        on_timeout: "kill".into(),
+        auto_resume: false,
     }
 }
 
@@ -177,7 +179,10 @@ async fn rest(kind: Kind) {
     for (path, body) in [
         ("/v2/sandboxes", r#"{"templateID":"base","timeout":0}"#),
         ("/v2/sandboxes", r#"{"templateID":"base","timeout":90000}"#),
-        ("/v2/sandboxes", r#"{"templateID":"base","autoPause":true}"#),
+        (
+            "/v2/sandboxes",
+            r#"{"templateID":"base","mcp":{"servers":{}}}"#,
+        ),
         (
             "/v2/sandboxes",
             r#"{"templateID":"base","volumeMounts":[{"name":"v","path":"/v"}]}"#,
@@ -219,6 +224,52 @@ async fn rest(kind: Kind) {
     t.stop().await;
 }
 both!(e2b_rest, rest);
+
+/// `autoPause` sandboxes: the detail says so, and the server's timeout pauser picks up a
+/// running one whose time has passed (here its host is unknown, so the pause fails and is
+/// put off 30 s: the row shows the pass happened); a killing one is left to its agent.
+async fn auto_pause(kind: Kind) {
+    let t = TestServer::start(kind).await;
+    let db = t.server.db();
+    let now = now_ms();
+    let mut pausing = row("sbx-pauses", "running", now, &[]);
+    pausing.on_timeout = "pause".into();
+    pausing.auto_resume = true;
+    pausing.expires_at = Some(now - 1000);
+    db.insert_sandbox(&pausing).await.unwrap();
+    let mut killing = row("sbx-kills", "running", now, &[]);
+    killing.expires_at = Some(now - 1000);
+    db.insert_sandbox(&killing).await.unwrap();
+
+    let auth = e2b_headers(&t, false);
+    let detail = t
+        .raw("GET", "/sandboxes/sbx-pauses", &auth, b"")
+        .await
+        .json();
+    assert_eq!(detail["lifecycle"]["onTimeout"], "pause", "{detail}");
+    assert_eq!(detail["lifecycle"]["autoResume"], true, "{detail}");
+    let wrenn = t.call("GET", "/v1/sandboxes/sbx-pauses", None).await.json();
+    assert_eq!(wrenn["on_timeout"], "pause");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let row = db.sandbox("sbx-pauses").await.unwrap().unwrap();
+        if row.expires_at.unwrap() > now + 20_000 {
+            assert_eq!(row.state, "running", "a failed pause puts the state back");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the timeout pauser never looked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let untouched = db.sandbox("sbx-kills").await.unwrap().unwrap();
+    assert_eq!(untouched.expires_at, Some(now - 1000));
+    assert_eq!(untouched.state, "running");
+    t.stop().await;
+}
+both!(e2b_auto_pause, auto_pause);
 
 async fn routing(kind: Kind) {
     let t = TestServer::start(kind).await;

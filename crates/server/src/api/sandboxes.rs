@@ -17,13 +17,13 @@ use connectrpc::ErrorCode;
 use wrenn_proto::hostagent::v1 as pb;
 
 use super::types::{
-    CreateSandbox, ErrorBody, ExecRequest, ExecResult, FileWritten, ReadFileRequest, ResumeRequest,
-    Sandbox, SandboxList, TimeoutRequest,
+    CreateSandbox, ErrorBody, ExecRequest, ExecResult, FileWritten, OnTimeout, ReadFileRequest,
+    ResumeRequest, Sandbox, SandboxList, TimeoutRequest,
 };
 use super::{JsonBody, OptionalJson, request_id};
 use crate::Shared;
-use crate::agents::{FAST, SLOW, map_error, options, timed};
-use crate::db::sandboxes::{SandboxRow, state};
+use crate::agents::{FAST, SLOW, TRANSFER, map_error, options, timed};
+use crate::db::sandboxes::{SandboxRow, on_timeout, state};
 use crate::db::{ListFilter, now_ms};
 use crate::error::ApiError;
 use crate::{ids, placement};
@@ -151,7 +151,8 @@ fn same_request(
     let same = existing.template == request.template
         && existing.requested_vcpus == i64::from(request.vcpus.unwrap_or(0))
         && existing.requested_memory_mib == i64::from(request.memory_mib.unwrap_or(0))
-        && existing.metadata == request.metadata;
+        && existing.metadata == request.metadata
+        && existing.on_timeout == request.on_timeout.unwrap_or_default().as_str();
     if same {
         Ok((StatusCode::OK, Json(existing.into())))
     } else {
@@ -200,7 +201,13 @@ async fn create_detached(
         updated_at: now,
         expires_at: None,
         error: None,
+        on_timeout: request.on_timeout.unwrap_or_default().as_str().to_owned(),
+        auto_resume: request.auto_resume.unwrap_or(false),
     };
+    // A sandbox that pauses on its timeout is paused by this server (`expiry`); its agent
+    // must not reap it.
+    let pauses = request.on_timeout == Some(OnTimeout::Pause);
+    let agent_timeout = if pauses { 0 } else { timeout };
     if !shared.db.insert_sandbox(&row).await? {
         // Another request with this id got there first.
         let existing = load(&shared, &id).await?;
@@ -216,7 +223,7 @@ async fn create_detached(
             template: request.template.clone(),
             vcpus: request.vcpus.unwrap_or(0),
             memory_mib: request.memory_mib.unwrap_or(0),
-            timeout_seconds: timeout,
+            timeout_seconds: agent_timeout,
             env_vars: request.env_vars.clone().into_iter().collect(),
             metadata: request.metadata.clone().into_iter().collect(),
             envd_access_token: token.clone(),
@@ -707,7 +714,12 @@ async fn resume_detached(
             client.resume_sandbox_with_options(
                 pb::ResumeSandboxRequest {
                     sandbox_id: id.clone(),
-                    timeout_seconds: timeout.unwrap_or(0),
+                    // A sandbox that pauses on its timeout has none on its agent.
+                    timeout_seconds: if row.on_timeout == on_timeout::PAUSE {
+                        0
+                    } else {
+                        timeout.unwrap_or(0)
+                    },
                     ..Default::default()
                 },
                 options(SLOW),
@@ -772,7 +784,17 @@ pub async fn set_timeout(
     JsonBody(request): JsonBody<TimeoutRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
     check_timeout(request.timeout_seconds)?;
-    let (_, client) = running(&shared, &id).await?;
+    let (row, client) = running(&shared, &id).await?;
+    let timeout = i64::from(request.timeout_seconds);
+    if row.on_timeout == on_timeout::PAUSE {
+        // This server keeps the time of a sandbox that pauses (the agent has none for it).
+        let expires = now_ms().saturating_add(timeout * 1000);
+        shared
+            .db
+            .set_sandbox_timeout(&id, timeout, Some(expires))
+            .await?;
+        return Ok(Json(load(&shared, &id).await?.into()));
+    }
     let answer = timed(
         &shared.metrics,
         "SetTimeout",
@@ -789,7 +811,6 @@ pub async fn set_timeout(
     .map_err(|e| map_error(&e, &format!("setting the timeout of {id}")))?
     .into_owned();
     let sandbox = answer.sandbox.as_option().cloned().unwrap_or_default();
-    let timeout = i64::from(request.timeout_seconds);
     shared
         .db
         .set_sandbox_timeout(&id, timeout, expiry(&sandbox, timeout))
@@ -886,7 +907,7 @@ pub async fn upload(
     let call = timed(
         &shared.metrics,
         "WriteFile",
-        client.write_file_with_options(request_stream(rx), options(SLOW)),
+        client.write_file_with_options(request_stream(rx), options(TRANSFER)),
     );
     tokio::pin!(call);
     let feed = feed_upload(&mut field, tx, limit, (id.clone(), path.clone(), user));
@@ -976,7 +997,7 @@ pub async fn read_file(
                 user: request.user.clone().unwrap_or_default(),
                 ..Default::default()
             },
-            options(SLOW),
+            options(TRANSFER),
         ),
     )
     .await

@@ -141,6 +141,31 @@ pub struct CreateSandbox {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub egress: Option<Egress>,
+    /// What the timeout does: `kill` (the default) or `pause` (memory and disk kept; resume
+    /// it later).
+    #[serde(default)]
+    pub on_timeout: Option<OnTimeout>,
+    /// Traffic to the paused sandbox through this server (its ports, E2B's SDKs) resumes it.
+    #[serde(default)]
+    pub auto_resume: Option<bool>,
+}
+
+/// What a sandbox's timeout does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    #[default]
+    Kill,
+    Pause,
+}
+
+impl OnTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Kill => crate::db::sandboxes::on_timeout::KILL,
+            OnTimeout::Pause => crate::db::sandboxes::on_timeout::PAUSE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -159,6 +184,9 @@ pub struct Sandbox {
     pub metadata: BTreeMap<String, String>,
     pub envd_access_token: String,
     pub error: Option<String>,
+    /// `kill` or `pause`.
+    pub on_timeout: String,
+    pub auto_resume: bool,
 }
 
 impl From<SandboxRow> for Sandbox {
@@ -177,6 +205,8 @@ impl From<SandboxRow> for Sandbox {
             metadata: row.metadata,
             envd_access_token: row.envd_access_token,
             error: row.error,
+            on_timeout: row.on_timeout,
+            auto_resume: row.auto_resume,
         }
     }
 }

@@ -43,6 +43,17 @@ pub struct SandboxRow {
     pub updated_at: i64,
     pub expires_at: Option<i64>,
     pub error: Option<String>,
+    /// What the timeout does: [`on_timeout::KILL`] (the agent reaps it) or
+    /// [`on_timeout::PAUSE`] (the control plane pauses it).
+    pub on_timeout: String,
+    /// Traffic through the control plane to the paused sandbox resumes it.
+    pub auto_resume: bool,
+}
+
+/// What a sandbox's timeout does.
+pub mod on_timeout {
+    pub const KILL: &str = "kill";
+    pub const PAUSE: &str = "pause";
 }
 
 /// What a create inserts before any agent is asked.
@@ -70,7 +81,7 @@ pub struct SandboxPage {
 
 const COLUMNS: &str = "id, template, state, host_id, vcpus, memory_mib, requested_vcpus, \
      requested_memory_mib, timeout_seconds, envd_access_token, metadata, created_at, updated_at, \
-     expires_at, error";
+     expires_at, error, on_timeout, auto_resume";
 
 fn from_row(row: &AnyRow) -> Result<SandboxRow, DbError> {
     let metadata: String = row.try_get("metadata")?;
@@ -92,6 +103,8 @@ fn from_row(row: &AnyRow) -> Result<SandboxRow, DbError> {
         updated_at: row.try_get("updated_at")?,
         expires_at: row.try_get("expires_at")?,
         error: row.try_get("error")?,
+        on_timeout: row.try_get("on_timeout")?,
+        auto_resume: row.try_get::<i64, _>("auto_resume")? != 0,
     })
 }
 
@@ -103,7 +116,7 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(&format!(
             "INSERT INTO sandboxes ({COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (id) DO NOTHING"
         ))
         .bind(&row.id)
@@ -121,6 +134,8 @@ impl Db {
         .bind(row.updated_at)
         .bind(row.expires_at)
         .bind(row.error.as_deref())
+        .bind(&row.on_timeout)
+        .bind(i64::from(row.auto_resume))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -331,6 +346,20 @@ impl Db {
              AND updated_at < $1"
         ))
         .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Running sandboxes that pause on their timeout and whose timeout has passed at `now_ms`
+    /// (at most `limit`, the longest overdue first).
+    pub async fn due_for_pause(&self, now_ms: i64, limit: i64) -> Result<Vec<SandboxRow>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM sandboxes WHERE on_timeout = 'pause' AND state = 'running' \
+             AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+        ))
+        .bind(now_ms)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(from_row).collect()

@@ -61,7 +61,7 @@ pub(crate) async fn route(
     next.run(request).await
 }
 
-async fn to_sandbox(shared: &Shared, id: &str, port: u16, request: Request) -> Response {
+async fn to_sandbox(shared: &Arc<Shared>, id: &str, port: u16, request: Request) -> Response {
     if !ids::valid_id(id) {
         return plain(
             StatusCode::BAD_REQUEST,
@@ -69,11 +69,19 @@ async fn to_sandbox(shared: &Shared, id: &str, port: u16, request: Request) -> R
         );
     }
     let row = match shared.db.sandbox(id).await {
-        Ok(Some(row)) if row.state == state::RUNNING => row,
-        Ok(_) => return not_found(id),
+        Ok(Some(row)) => row,
+        Ok(None) => return not_found(id),
         Err(error) => {
             tracing::error!(sandbox_id = %id, %error, "database error while routing to a sandbox");
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "database error");
+        }
+    };
+    let row = match crate::proxy::awake(shared, row).await {
+        Ok(row) if row.state == state::RUNNING => row,
+        Ok(_) => return not_found(id),
+        Err(error) => {
+            tracing::warn!(sandbox_id = %id, message = %error.message, "resuming on traffic failed");
+            return proxy_error(id, error.status, &error.message);
         }
     };
     if port == ENVD_PORT

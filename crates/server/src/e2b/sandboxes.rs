@@ -19,9 +19,11 @@ use super::types::{
 };
 use super::{CLIENT_ID, ENVD_VERSION};
 use crate::Shared;
-use crate::api::types::{CreateSandbox, CreateSnapshot, Egress, ResumeRequest, TimeoutRequest};
+use crate::api::types::{
+    CreateSandbox, CreateSnapshot, Egress, OnTimeout, ResumeRequest, TimeoutRequest,
+};
 use crate::api::{JsonBody, OptionalJson, sandboxes as wrenn, snapshots as wrenn_snapshots};
-use crate::db::sandboxes::{SandboxRow, state};
+use crate::db::sandboxes::{SandboxRow, on_timeout, state};
 use crate::db::templates::KIND_SNAPSHOT;
 use crate::db::{ListFilter, now_ms, rfc3339};
 use crate::error::ApiError;
@@ -127,12 +129,6 @@ async fn create(
     shared: Arc<Shared>,
     request: NewSandbox,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
-    if request.auto_pause == Some(true) {
-        return Err(ApiError::bad_request(
-            "autoPause is not offered here: a sandbox is killed when its timeout passes; \
-             pause it yourself (sandbox.pause()) to keep it",
-        ));
-    }
     if request.mcp.as_ref().is_some_and(|m| !m.is_null()) {
         return Err(ApiError::bad_request(
             "the MCP gateway (mcp) is not offered here",
@@ -156,6 +152,12 @@ async fn create(
         env_vars: request.env_vars.unwrap_or_default(),
         metadata: request.metadata.unwrap_or_default(),
         egress,
+        on_timeout: Some(if request.auto_pause == Some(true) {
+            OnTimeout::Pause
+        } else {
+            OnTimeout::Kill
+        }),
+        auto_resume: Some(request.auto_resume.is_some_and(|a| a.enabled)),
     };
     let (_, Json(created)) = wrenn::create(State(shared.clone()), JsonBody(call)).await?;
     let row = live(&shared, &created.id).await?;
@@ -277,13 +279,14 @@ pub async fn get_one(
 ) -> Result<Json<SandboxDetail>, ApiError> {
     let row = live(&shared, &id).await?;
     let token = row.envd_access_token.clone();
+    let (row_auto_resume, row_on_timeout) = (row.auto_resume, row.on_timeout.clone());
     Ok(Json(SandboxDetail {
         listed: listed_of(row),
         envd_access_token: token,
         domain: shared.config.domain.clone(),
         lifecycle: Lifecycle {
-            auto_resume: false,
-            on_timeout: "kill",
+            auto_resume: row_auto_resume,
+            on_timeout: row_on_timeout,
         },
     }))
 }
@@ -407,11 +410,16 @@ pub async fn resume(
     Path(id): Path<String>,
     OptionalJson(request): OptionalJson<Resume>,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
-    if request.auto_pause == Some(true) {
-        return Err(ApiError::bad_request("autoPause is not offered here"));
-    }
     let timeout = request.timeout.map(check_timeout).transpose()?;
     let row = live(&shared, &id).await?;
+    if request
+        .auto_pause
+        .is_some_and(|p| p != (row.on_timeout == on_timeout::PAUSE))
+    {
+        return Err(ApiError::bad_request(
+            "autoPause is set when a sandbox is created; it cannot change on resume",
+        ));
+    }
     if row.state != state::PAUSED {
         return Err(ApiError::conflict(format!(
             "sandbox {id} is {}, not paused",

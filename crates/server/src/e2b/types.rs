@@ -14,7 +14,9 @@ pub struct NewSandbox {
     pub template_id: String,
     /// Seconds; absent: 300 (the v2 default; older SDKs always send it).
     pub timeout: Option<i64>,
+    /// Pause, not kill, when the timeout passes.
     pub auto_pause: Option<bool>,
+    pub auto_resume: Option<AutoResume>,
     /// Spelled in snake case by E2B.
     #[serde(rename = "allow_internet_access")]
     pub allow_internet_access: Option<bool>,
@@ -23,6 +25,13 @@ pub struct NewSandbox {
     pub env_vars: Option<BTreeMap<String, String>>,
     pub mcp: Option<serde_json::Value>,
     pub volume_mounts: Option<Vec<serde_json::Value>>,
+}
+
+/// `autoResume`: traffic to the paused sandbox resumes it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AutoResume {
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 /// The egress part of `network` (`allowPublicTraffic` and the rest are accepted, not used).
@@ -120,8 +129,8 @@ pub struct SandboxDetail {
 #[serde(rename_all = "camelCase")]
 pub struct Lifecycle {
     pub auto_resume: bool,
-    /// What the timeout does: `kill` here (pausing on timeout is not offered).
-    pub on_timeout: &'static str,
+    /// What the timeout does: `kill` or `pause`.
+    pub on_timeout: String,
 }
 
 /// One sample of `GET /sandboxes/{id}/metrics`.
