@@ -315,19 +315,7 @@ pub async fn connect(
             let row = live(&shared, &id).await?;
             Ok((StatusCode::OK, Json(sandbox_of(&shared, &row))))
         }
-        state::PAUSED => {
-            let resume = ResumeRequest {
-                timeout_seconds: timeout,
-            };
-            let _resumed = wrenn::resume(
-                State(shared.clone()),
-                Path(id.clone()),
-                OptionalJson(resume),
-            )
-            .await?;
-            let row = live(&shared, &id).await?;
-            Ok((StatusCode::CREATED, Json(sandbox_of(&shared, &row))))
-        }
+        state::PAUSED => resumed(shared, id, timeout).await,
         other => Err(ApiError::conflict(format!(
             "sandbox {id} is {other}; try again when it is running or paused"
         ))),
@@ -426,6 +414,15 @@ pub async fn resume(
             row.state
         )));
     }
+    resumed(shared, id, timeout).await
+}
+
+/// Resumes the paused sandbox `id` through Wrenn's handler: 201 with E2B's body.
+async fn resumed(
+    shared: Arc<Shared>,
+    id: String,
+    timeout: Option<u32>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
     let resume = ResumeRequest {
         timeout_seconds: timeout,
     };
