@@ -17,6 +17,9 @@
 //! `api`: the control plane's create and exec beside the agent's and envd's own, and its list
 //! throughput with 1000 sandboxes on SQLite and PostgreSQL (see `bench_api.rs`).
 //!
+//! `e2b`: the official E2B Python SDK's create-and-run and run against a release `wrenn up`,
+//! beside Wrenn's own REST API from the same Python process (see `bench_e2b.rs`).
+//!
 //! `guest`: the foundation's baselines: kernel and image build times and sizes (as recorded
 //! when they were built, or rebuilt now with `--rebuild`), the host VM's boot to a running
 //! command, and our guest's boot to its ready marker under QEMU microvm on the host VM's KVM,
@@ -36,10 +39,10 @@ use wrenn_image::guest;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmark to run: `guest`, `vmm`, `snapshot`, `envd`, `agent` or `api`.
+    /// Benchmark to run: `guest`, `vmm`, `snapshot`, `envd`, `agent`, `api` or `e2b`.
     name: String,
-    /// Samples per measurement (default: 5 for `guest`, 10 for `vmm` and `snapshot`; for `envd`
-    /// the throughput rounds, default 3).
+    /// Samples per measurement (default: 5 for `guest`, 10 for `vmm` and `snapshot`, 20 for
+    /// `api` and `e2b`; for `envd` the throughput rounds, default 3).
     #[arg(long)]
     runs: Option<usize>,
     /// Rebuild the kernel and images first, so their build times are measured now.
@@ -63,8 +66,11 @@ pub fn run(cache: &Cache, args: Args) -> Result<ExitCode> {
         "agent" => crate::bench_agent::outer(cache, args.runs),
         "api" if args.inner => crate::bench_api::inner(args.runs),
         "api" => crate::bench_api::outer(cache, args.runs),
+        "e2b" => crate::bench_e2b::run(cache, args.runs),
         other => {
-            bail!("unknown benchmark {other:?}; available: guest, vmm, snapshot, envd, agent, api")
+            bail!(
+                "unknown benchmark {other:?}; available: guest, vmm, snapshot, envd, agent, api, e2b"
+            )
         }
     }
 }

@@ -12,6 +12,7 @@
 mod bench;
 mod bench_agent;
 mod bench_api;
+mod bench_e2b;
 mod bench_envd;
 mod bench_snapshot;
 mod bench_vmm;
