@@ -14,6 +14,7 @@ pub mod disk;
 pub mod envd;
 pub mod guest;
 pub mod kernel;
+pub mod npm;
 pub mod packages;
 pub mod progress;
 pub mod qemu;
