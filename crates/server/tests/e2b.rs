@@ -225,9 +225,9 @@ async fn rest(kind: Kind) {
 }
 both!(e2b_rest, rest);
 
-/// `autoPause` sandboxes: the detail says so, and the server's timeout pauser picks up a
-/// running one whose time has passed (here its host is unknown, so the pause fails and is
-/// put off 30 s: the row shows the pass happened); a killing one is left to its agent.
+/// Timeouts kept by the server: an `autoPause` sandbox's detail says so, and a running one
+/// whose time has passed is paused (here its host is unknown, so the pause fails and is put
+/// off 30 s: the row shows the pass happened); a killing one past its time is destroyed.
 async fn auto_pause(kind: Kind) {
     let t = TestServer::start(kind).await;
     let db = t.server.db();
@@ -264,9 +264,12 @@ async fn auto_pause(kind: Kind) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let untouched = db.sandbox("sbx-kills").await.unwrap().unwrap();
-    assert_eq!(untouched.expires_at, Some(now - 1000));
-    assert_eq!(untouched.state, "running");
+    // The killing one is destroyed by the same pass (its host is unknown here, so only the
+    // record changes); E2B forgets it.
+    let killed = db.sandbox("sbx-kills").await.unwrap().unwrap();
+    assert_eq!(killed.state, "stopped");
+    let gone = t.raw("GET", "/sandboxes/sbx-kills", &auth, b"").await;
+    assert_e2b_error(&gone, 404);
     t.stop().await;
 }
 both!(e2b_auto_pause, auto_pause);

@@ -351,11 +351,16 @@ impl Db {
         rows.iter().map(from_row).collect()
     }
 
-    /// Running sandboxes that pause on their timeout and whose timeout has passed at `now_ms`
-    /// (at most `limit`, the longest overdue first).
-    pub async fn due_for_pause(&self, now_ms: i64, limit: i64) -> Result<Vec<SandboxRow>, DbError> {
+    /// Running sandboxes whose timeout has passed at `now_ms` (at most `limit`, the longest
+    /// overdue first): those that pause, and those that are killed (their agent reaps them
+    /// too; whichever comes first).
+    pub async fn due_for_timeout(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<SandboxRow>, DbError> {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM sandboxes WHERE on_timeout = 'pause' AND state = 'running' \
+            "SELECT {COLUMNS} FROM sandboxes WHERE state = 'running' \
              AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
         ))
         .bind(now_ms)

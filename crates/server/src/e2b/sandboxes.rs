@@ -55,14 +55,16 @@ fn check_timeout(timeout: i64) -> Result<u32, ApiError> {
     u32::try_from(timeout).map_err(|_| ApiError::bad_request("timeout is out of range"))
 }
 
-/// The sandbox, unless unknown or stopped: E2B forgets a sandbox once it is killed.
+/// The sandbox, unless unknown or stopped (or stopping): E2B forgets a sandbox once it is
+/// killed.
 async fn live(shared: &Shared, id: &str) -> Result<SandboxRow, ApiError> {
     let not_found = || ApiError::not_found(format!("sandbox {id} not found"));
     if !ids::valid_id(id) {
         return Err(not_found());
     }
     match shared.db.sandbox(id).await? {
-        Some(row) if row.state != state::STOPPED => Ok(row),
+        // Being destroyed counts as gone already.
+        Some(row) if row.state != state::STOPPED && row.state != state::STOPPING => Ok(row),
         _ => Err(not_found()),
     }
 }
