@@ -49,7 +49,25 @@ async fn tunnel(
         Err((status, code, message)) => return error_response(status, code, message),
     };
     tracing::debug!(sandbox_id = %sandbox_id, port, "tunnel requested");
-    wrenn_tunnel::accept(req, target, &sandbox_id).await
+    let ended = stopped(manager.clone(), sandbox_id.clone());
+    wrenn_tunnel::accept_until(req, target, &sandbox_id, ended).await
+}
+
+/// How often an open tunnel checks that its sandbox still runs.
+const STATE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Completes once the sandbox is no longer running (pausing, stopping, gone): its tunnels are
+/// cut then, so streams through them end instead of waiting on a guest that is not there.
+async fn stopped(manager: Arc<Manager>, sandbox_id: String) {
+    loop {
+        tokio::time::sleep(STATE_CHECK).await;
+        let running = manager
+            .get(&sandbox_id)
+            .is_ok_and(|record| record.state == sandbox::State::Running);
+        if !running {
+            return;
+        }
+    }
 }
 
 /// A refusal: status, code, message.

@@ -48,7 +48,19 @@ pub fn is_tunnel_request(headers: &HeaderMap) -> bool {
 /// stream in one direction is passed on as a half-close. Errors before the upgrade are
 /// answered as JSON (see [`error_response`]). `sandbox_id` names the sandbox in messages and
 /// logs.
-pub async fn accept(mut req: Request, target: SocketAddr, sandbox_id: &str) -> Response {
+pub async fn accept(req: Request, target: SocketAddr, sandbox_id: &str) -> Response {
+    accept_until(req, target, sandbox_id, std::future::pending()).await
+}
+
+/// [`accept`], with the tunnel cut (both connections closed) when `ended` completes: the
+/// agent passes "the sandbox stopped or paused", since a guest that vanishes sends neither a
+/// FIN nor a reset and a stream through the tunnel would otherwise wait forever.
+pub async fn accept_until(
+    mut req: Request,
+    target: SocketAddr,
+    sandbox_id: &str,
+    ended: impl Future<Output = ()> + Send + 'static,
+) -> Response {
     let port = target.port();
     if req.method() != Method::GET {
         return error_response(
@@ -102,7 +114,7 @@ pub async fn accept(mut req: Request, target: SocketAddr, sandbox_id: &str) -> R
         }
     };
     let _ = guest.set_nodelay(true);
-    tokio::spawn(copy(on_upgrade, guest, sandbox_id.to_owned(), port));
+    tokio::spawn(copy(on_upgrade, guest, sandbox_id.to_owned(), port, ended));
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(CONNECTION, "Upgrade")
@@ -111,8 +123,15 @@ pub async fn accept(mut req: Request, target: SocketAddr, sandbox_id: &str) -> R
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// Waits for the upgrade, then copies both ways until both sides have closed.
-async fn copy(on_upgrade: OnUpgrade, guest: TcpStream, sandbox_id: String, port: u16) {
+/// Waits for the upgrade, then copies both ways until both sides have closed or `ended`
+/// completes.
+async fn copy(
+    on_upgrade: OnUpgrade,
+    guest: TcpStream,
+    sandbox_id: String,
+    port: u16,
+    ended: impl Future<Output = ()> + Send + 'static,
+) {
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -123,7 +142,10 @@ async fn copy(on_upgrade: OnUpgrade, guest: TcpStream, sandbox_id: String, port:
     let started = Instant::now();
     let mut client = Counted::new(TokioIo::new(upgraded));
     let mut guest = Counted::new(guest);
-    let result = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
+    let result = tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut guest) => result,
+        () = ended => Err(io::Error::other("the sandbox stopped or paused: tunnel cut")),
+    };
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     // Guests decide when tunnels end, so these lines stay at debug level.
     match result {

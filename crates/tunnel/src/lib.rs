@@ -33,7 +33,7 @@
 mod agent;
 mod client;
 
-pub use agent::{accept, error_response, is_tunnel_request};
+pub use agent::{accept, accept_until, error_response, is_tunnel_request};
 pub use client::{HttpUrl, Tunnel, TunnelError, forward_http, open};
 
 /// The `Upgrade` protocol token of the tunnel.

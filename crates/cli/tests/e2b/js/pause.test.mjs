@@ -17,8 +17,7 @@ test('pause, list as paused, connect resumes', { timeout: 240_000 }, async () =>
       timeoutMs: 0,
     })
     await waitFor(async () => (await sbx.files.exists('/root/ticks.txt')) && (await ticks(sbx)) >= 2, 15_000, 'the ticker')
-    // WRENN-GAP: a stream left open while its sandbox pauses (or is killed) is not ended by the
-    // server and keeps this process waiting for minutes; the ticker runs on without it.
+    // The ticker runs on in the sandbox without its output stream.
     await ticker.disconnect()
 
     assert.equal(await sbx.pause(), true)

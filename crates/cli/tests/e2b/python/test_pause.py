@@ -21,8 +21,8 @@ def test_pause_then_connect_resumes_files_and_processes():
         sbx.files.write("/root/kept.txt", "written before the pause")
         ticker = sbx.commands.run(TICKER, background=True, timeout=0)
         wait_for(lambda: sbx.files.exists("/root/ticks.txt") and ticks(sbx) >= 2, 15, "the ticker writing")
-        # WRENN-GAP: a stream left open while its sandbox pauses (or is killed) is not ended by
-        # the server; the ticker runs on without its output stream.
+        # The ticker runs on in the sandbox without its output stream (a stream still open when
+        # the sandbox pauses is cut; test_sandbox.py checks that).
         ticker.disconnect()
 
         assert sbx.pause() is True
@@ -67,3 +67,24 @@ def test_snapshot_starts_a_new_sandbox_with_the_files():
         assert Sandbox.delete_snapshot(snapshot.snapshot_id) is False
         with pytest.raises(Exception):
             Sandbox.create(snapshot.snapshot_id, timeout=30).kill()
+
+
+def test_a_timeout_that_pauses_and_traffic_that_resumes():
+    lifecycle = {"on_timeout": "pause", "auto_resume": True}
+    with new_sandbox(timeout=8, lifecycle=lifecycle) as sbx:
+        info = sbx.get_info()
+        assert info.lifecycle["on_timeout"] == "pause"
+        assert info.lifecycle["auto_resume"] is True
+        sbx.files.write("/root/kept.txt", "kept over the pause")
+        sleeper = sbx.commands.run("sleep 600", background=True, timeout=0)
+        sleeper.disconnect()
+        wait_for(
+            lambda: Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED,
+            60,
+            "the sandbox pausing at its 8 s timeout",
+            1,
+        )
+        # The next request through the SDK resumes it: files and processes are there.
+        assert sbx.commands.run("cat /root/kept.txt").stdout == "kept over the pause"
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+        assert sleeper.pid in {p.pid for p in sbx.commands.list()}
